@@ -1,0 +1,36 @@
+// Every native entry point of moe_swap, one line each; schemas live in torch_bindings.cpp.
+#pragma once
+
+#include <torch/all.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace moe_swap {
+
+// ---- routing (csrc/routing) ----
+std::tuple<at::Tensor, at::Tensor> topk_route_cpu(const at::Tensor& router_logits, int64_t top_k,
+                                                  c10::string_view scoring, bool renormalize,
+                                                  int64_t num_expert_group, int64_t topk_group,
+                                                  const std::optional<at::Tensor>& correction_bias,
+                                                  double routed_scaling_factor);
+#ifdef MOE_SWAP_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> topk_route_cuda(const at::Tensor& router_logits, int64_t top_k,
+                                                   c10::string_view scoring, bool renormalize,
+                                                   int64_t num_expert_group, int64_t topk_group,
+                                                   const std::optional<at::Tensor>& correction_bias,
+                                                   double routed_scaling_factor);
+#endif
+
+// ---- MoE compute (csrc/moe) ----
+at::Tensor fused_moe_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
+                         const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                         const std::optional<at::Tensor>& expert_map, c10::string_view activation);
+#ifdef MOE_SWAP_WITH_CUDA
+at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
+                          const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                          const std::optional<at::Tensor>& expert_map, c10::string_view activation);
+#endif
+
+}  // namespace moe_swap

@@ -1,0 +1,12 @@
+"""moe_swap: run Mixture-of-Experts models on a GPU too small for their experts.
+
+Importing the package loads the native library, which registers ``torch.ops.moe_swap.*``.
+"""
+
+import torch  # noqa: F401  (the native library links against torch's; load torch first)
+
+from . import _C  # noqa: F401  (registers the torch ops)
+from .ops import fused_moe, set_debug, topk_route
+
+__all__ = ["fused_moe", "set_debug", "topk_route"]
+__version__ = "0.1.0"

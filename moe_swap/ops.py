@@ -1,0 +1,108 @@
+"""Typed Python wrappers of the ``torch.ops.moe_swap`` ops, each with its fake (meta) kernel beside it.
+
+The schemas in ``csrc/torch_bindings.cpp`` are the API; these wrappers add docstrings and defaults,
+and the fake kernels let the ops trace under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["topk_route", "fused_moe", "set_debug", "debug_enabled"]
+
+
+def topk_route(
+    router_logits: Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    num_expert_group: int = 1,
+    topk_group: int = 1,
+    correction_bias: Optional[Tensor] = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Pick ``top_k`` experts per token.
+
+    Args:
+        router_logits: ``[T, E]`` router output, any float dtype (scored in float32).
+        top_k: experts per token, in ``[1, E]``.
+        scoring: ``"softmax"`` (Mixtral, Qwen, OLMoE, DeepSeek-V2) or ``"sigmoid"`` (DeepSeek-V3).
+        renormalize: divide the chosen weights by their sum.
+        num_expert_group: split the experts into this many equal groups (must divide E).
+        topk_group: keep only the best ``topk_group`` groups, then pick top-k inside them. A group
+            scores by its best expert, or, when ``correction_bias`` is given, by the sum of its best
+            two (DeepSeek-V3).
+        correction_bias: ``[E]`` float, added to the scores for *selection only*; the returned
+            weights are the unbiased scores.
+        routed_scaling_factor: multiplies the final weights.
+
+    Returns:
+        ``(topk_weights, topk_ids)``: float32 ``[T, top_k]`` and int32 ``[T, top_k]``, in order of
+        decreasing selection score (ties: lower expert id first). NaN scores rank lowest, so the ids
+        are always distinct and in ``[0, E)``.
+    """
+    return torch.ops.moe_swap.topk_route.default(
+        router_logits, top_k, scoring, renormalize, num_expert_group, topk_group,
+        correction_bias, routed_scaling_factor,
+    )
+
+
+@torch.library.register_fake("moe_swap::topk_route")
+def _topk_route_fake(router_logits, top_k, scoring="softmax", renormalize=False, num_expert_group=1,
+                     topk_group=1, correction_bias=None, routed_scaling_factor=1.0):
+    torch._check(router_logits.dim() == 2, lambda: f"router_logits must be 2-D, got {router_logits.dim()}-D")
+    t = router_logits.shape[0]
+    return (router_logits.new_empty((t, top_k), dtype=torch.float32),
+            router_logits.new_empty((t, top_k), dtype=torch.int32))
+
+
+def fused_moe(
+    hidden_states: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    expert_map: Optional[Tensor] = None,
+    activation: str = "silu",
+) -> Tensor:
+    """The experts of a MoE layer, fused: ``out[t] = Σ_j w[t,j] · w2[e] · (act(gate_e x_t) ⊙ up_e x_t)``.
+
+    Args:
+        hidden_states: ``[T, H]``, float32, bfloat16 or float16 (the dtype of the output).
+        w13: ``[E, 2I, H]`` per expert, gate rows then up rows (vLLM's layout), same dtype.
+        w2: ``[E, H, I]`` down projections, same dtype.
+        topk_weights: ``[T, k]`` float32 routing weights.
+        topk_ids: ``[T, k]`` int32 (or int64) expert ids: indices into ``w13``/``w2``, or global ids
+            when ``expert_map`` is given.
+        expert_map: optional int32 ``[E_global]``: global id -> index into ``w13``/``w2``, or -1 when
+            the expert is not held here (that pair contributes nothing).
+        activation: ``"silu"``, ``"gelu"`` (erf) or ``"gelu_tanh"``.
+
+    Inputs may be non-contiguous (they are made contiguous). Accumulation is in float32; the
+    activated intermediate is rounded to the input dtype before the down projection. An id out of
+    range raises on CPU; on CUDA such a pair is skipped (never read out of bounds), and with
+    ``set_debug(True)`` it raises instead.
+    """
+    return torch.ops.moe_swap.fused_moe.default(
+        hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation
+    )
+
+
+@torch.library.register_fake("moe_swap::fused_moe")
+def _fused_moe_fake(hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu"):
+    torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be 2-D, got {hidden_states.dim()}-D")
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+
+
+def set_debug(enabled: bool = True) -> None:
+    """Debug switch (also ``MOE_SWAP_DEBUG=1``): synchronise and check after every CUDA launch, and
+    turn out-of-range expert ids in CUDA kernels into errors instead of skipped pairs."""
+    torch.ops.moe_swap.set_debug(bool(enabled))
+
+
+def debug_enabled() -> bool:
+    """Whether the debug switch is on."""
+    return bool(torch.ops.moe_swap.debug_enabled())

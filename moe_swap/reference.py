@@ -1,0 +1,122 @@
+"""Pure-torch reference implementations: the test oracle.
+
+Written plainly, for clarity over speed, and sharing no code with the kernels. Tests compare every
+op against these (and against the Hugging Face modules themselves), never the other way round.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def topk_route(
+    router_logits: Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    num_expert_group: int = 1,
+    topk_group: int = 1,
+    correction_bias: Optional[Tensor] = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Reference routing. See :func:`moe_swap.ops.topk_route` for the contract."""
+    logits = router_logits.float()
+    num_tokens, num_experts = logits.shape
+    if scoring == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    elif scoring == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+
+    choice = scores.clone()
+    if correction_bias is not None:
+        choice = choice + correction_bias.float()
+    # NaN ranks lowest: below every real score, even -inf.
+    choice_key = torch.where(torch.isnan(choice), torch.full_like(choice, -float("inf")), choice)
+    nan_rank = torch.isnan(choice)
+
+    allowed = torch.ones(num_tokens, num_experts, dtype=torch.bool)
+    if num_expert_group > 1:
+        per_group = num_experts // num_expert_group
+        for t in range(num_tokens):
+            group_scores = []
+            for g in range(num_expert_group):
+                members = choice_key[t, g * per_group:(g + 1) * per_group]
+                if correction_bias is not None:
+                    best_two = sorted(members.tolist(), reverse=True)[: min(2, per_group)]
+                    group_scores.append(sum(best_two))
+                else:
+                    group_scores.append(max(members.tolist()))
+            # best groups first; ties: lower group index first
+            order = sorted(range(num_expert_group), key=lambda g: (-_nan_low(group_scores[g]), g))
+            allowed[t] = False
+            for g in order[:topk_group]:
+                allowed[t, g * per_group:(g + 1) * per_group] = True
+
+    topk_weights = torch.zeros(num_tokens, top_k, dtype=torch.float32)
+    topk_ids = torch.zeros(num_tokens, top_k, dtype=torch.int32)
+    for t in range(num_tokens):
+        candidates = [e for e in range(num_experts) if allowed[t, e]]
+        # rank: allowed and not NaN first, by decreasing selection score, ties by lower id
+        candidates.sort(key=lambda e: (bool(nan_rank[t, e]), -float(choice_key[t, e]), e))
+        chosen = candidates[:top_k]
+        topk_ids[t] = torch.tensor(chosen, dtype=torch.int32)
+        topk_weights[t] = scores[t, chosen]
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    topk_weights = topk_weights * routed_scaling_factor
+    return topk_weights, topk_ids
+
+
+def _nan_low(x: float) -> float:
+    return -float("inf") if x != x else x
+
+
+def activation_fn(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    raise ValueError(f"activation must be 'silu', 'gelu' or 'gelu_tanh', got {name!r}")
+
+
+def fused_moe(
+    hidden_states: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    expert_map: Optional[Tensor] = None,
+    activation: str = "silu",
+) -> Tensor:
+    """Reference MoE layer, token by token. See :func:`moe_swap.ops.fused_moe` for the contract.
+
+    Matmuls accumulate in float32; the activated intermediate is rounded to the input dtype before
+    the down projection, as a model running in that dtype does.
+    """
+    act = activation_fn(activation)
+    dtype = hidden_states.dtype
+    num_tokens, hidden = hidden_states.shape
+    inter = w2.shape[2]
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
+    for t in range(num_tokens):
+        x = hidden_states[t].float()
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            if expert_map is not None:
+                e = int(expert_map[e])
+                if e < 0:
+                    continue
+            gate = w13[e, :inter].float() @ x
+            up = w13[e, inter:].float() @ x
+            h = (act(gate) * up).to(dtype).float()
+            out[t] += float(topk_weights[t, j]) * (w2[e].float() @ h)
+    return out.to(dtype)
+

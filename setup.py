@@ -1,0 +1,69 @@
+"""Builds moe_swap's native library by driving CMakeLists.txt (the one build definition).
+
+Environment:
+  MOE_SWAP_CUDA=ON|OFF|AUTO   build the CUDA kernels (AUTO: when torch has CUDA and nvcc is found)
+  TORCH_CUDA_ARCH_LIST        e.g. "9.0" or "8.0;9.0+PTX"; default: the local GPU, else 9.0+PTX
+  CUDA_HOME                   the toolkit (default /usr/local/cuda when it exists)
+  MAX_JOBS                    parallel compile jobs
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _cuda_home() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return str(Path(nvcc).resolve().parent.parent)
+    return "/usr/local/cuda" if Path("/usr/local/cuda/bin/nvcc").exists() else None
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class cmake_build_ext(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import torch
+
+        # A build folder that outlives pip's temporary one, so that rebuilding after an edit is
+        # incremental (CUDA translation units including torch take minutes each on a small machine).
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}-{os.environ.get('MOE_SWAP_CUDA', 'AUTO').lower()}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = "Debug" if os.environ.get("MOE_SWAP_DEBUG_BUILD") else "Release"
+        cuda = os.environ.get("MOE_SWAP_CUDA", "AUTO").upper()
+        args = [
+            f"-DCMAKE_BUILD_TYPE={config}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DMOE_SWAP_CUDA={cuda}",
+        ]
+        env = os.environ.copy()
+        cuda_home = _cuda_home()
+        if torch.version.cuda and cuda_home:
+            env.setdefault("CUDA_HOME", cuda_home)
+            env.setdefault("CUDACXX", str(Path(cuda_home) / "bin" / "nvcc"))
+            args += [f"-DCUDAToolkit_ROOT={cuda_home}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}"]
+        if shutil.which("ninja"):
+            args += ["-G", "Ninja"]
+        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], env=env)
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", jobs], env=env)
+
+
+setup(ext_modules=[CMakeExtension("moe_swap._C")], cmdclass={"build_ext": cmake_build_ext})
