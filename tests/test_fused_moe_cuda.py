@@ -51,13 +51,14 @@ SHAPES = [
     (1, 256, 128, 8, 2),
     (7, 512, 256, 64, 8),     # 56 pairs, many experts with one token each
     (3, 129, 77, 4, 2),       # H, I not multiples of 8: scalar loads
-    (32, 128, 96, 1, 2),      # 64 pairs on a single expert: several token groups per weight row
+    (64, 128, 96, 1, 1),      # 64 pairs on a single expert: several token groups per weight row
     # ... and grouped GEMM path
     (64, 256, 128, 8, 2),
     (333, 100, 36, 8, 2),     # odd sizes, partial tiles everywhere
     (333, 1024, 704, 64, 6),
     (512, 2048, 1408, 8, 2),  # a prefill-sized layer
     (40, 72, 24, 16, 4),      # 160 pairs, some experts empty
+    (65, 64, 32, 4, 1),       # one pair past the decode limit
 ]
 
 
@@ -121,8 +122,9 @@ def _with_invalid_ids(T, use_map):
     kept_ids = bad.clone()
     kept_ids[0, 0] = 0
     kept_ids[-1, 1] = 0
-    if use_map:  # the reference must also never see the invalid map entries
-        kept_ids = torch.where((bad >= 10), torch.zeros_like(bad), bad)
+    if use_map:  # random ids may also hit the invalid entries 10 and 11
+        kept_weights = torch.where(bad >= 10, torch.zeros_like(weights), weights)
+        kept_ids = torch.where(bad >= 10, torch.zeros_like(bad), bad)
     return x, w13, w2, weights, bad, expert_map, kept_weights, kept_ids
 
 
@@ -236,7 +238,7 @@ def test_cuda_kernel_registered():
 
 def test_mismatched_devices_rejected():
     x, w13, w2, weights, ids = make_problem(4, 64, 32, 4, 2, torch.float32)
-    with pytest.raises(RuntimeError, match="same device"):
+    with pytest.raises(RuntimeError, match="on the device of hidden_states"):
         ops.fused_moe(x, w13, w2, weights.cpu(), ids)
 
 

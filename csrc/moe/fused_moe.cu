@@ -3,7 +3,7 @@
 //
 // Paths, chosen on the host from shapes only (no sync):
 //   T * k <= kDecodeMaxPairs: decode kernels (moe_decode.cuh), each selected expert's weights read once.
-//   otherwise, bf16 on sm_90/sm_100 with H, I multiples of 8 and aligned weights: at::_grouped_mm
+//   otherwise, bf16 on sm_90/sm_100 exactly, with H, I multiples of 8 and aligned weights: at::_grouped_mm
 //     (CUTLASS, offsets on the device) for gate-up and down; it writes bf16, so gate/up and the down
 //     output are rounded to bf16 there (within bf16 tolerance of the contract; MOE_SWAP_VENDOR_GEMM=0
 //     turns this off);
@@ -18,9 +18,9 @@
 
 #include <cstdlib>
 #include <string>
-#include <tuple>
 
 #include "core/checks.h"
+#include "moe/moe_checks.h"
 #include "moe/moe_common.cuh"
 #include "moe/moe_decode.cuh"
 #include "moe/moe_gemm.cuh"
@@ -29,60 +29,9 @@
 
 namespace moe_swap {
 
-// ---- input checks (stand-in for the shared moe_checks.h; the lead swaps this for
-// check_fused_moe_args at merge). Returns (T, H, I, E, k). ----
-inline std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> check_fused_moe_args_cuda_local(
-    const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& topk_weights,
-    const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map, c10::string_view activation) {
-  MOE_SWAP_CHECK_DIM(hidden_states, 2);
-  MOE_SWAP_CHECK_DIM(w13, 3);
-  MOE_SWAP_CHECK_DIM(w2, 3);
-  MOE_SWAP_CHECK_DIM(topk_weights, 2);
-  MOE_SWAP_CHECK_DIM(topk_ids, 2);
-  MOE_SWAP_CHECK_FLOATING(hidden_states);
-  MOE_SWAP_CHECK_SAME_DTYPE(w13, hidden_states);
-  MOE_SWAP_CHECK_SAME_DTYPE(w2, hidden_states);
-  MOE_SWAP_CHECK_DTYPE(topk_weights, at::kFloat);
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-              "topk_ids must have dtype int32 or int64, got ", topk_ids.scalar_type());
-  const int64_t T = hidden_states.size(0);
-  const int64_t H = hidden_states.size(1);
-  const int64_t E = w13.size(0);
-  const int64_t I = w2.size(2);
-  const int64_t k = topk_ids.size(1);
-  TORCH_CHECK(E >= 1, "w13.size(0) (the number of experts) must be at least 1, got ", E);
-  MOE_SWAP_CHECK_SIZE(w13, 1, 2 * I, "2 * I (twice w2.size(2))");
-  MOE_SWAP_CHECK_SIZE(w13, 2, H, "H (hidden_states.size(1))");
-  MOE_SWAP_CHECK_SIZE(w2, 0, E, "E (w13.size(0))");
-  MOE_SWAP_CHECK_SIZE(w2, 1, H, "H (hidden_states.size(1))");
-  MOE_SWAP_CHECK_SIZE(topk_ids, 0, T, "T (hidden_states.size(0))");
-  MOE_SWAP_CHECK_SIZE(topk_weights, 0, T, "T (hidden_states.size(0))");
-  MOE_SWAP_CHECK_SIZE(topk_weights, 1, k, "k (topk_ids.size(1))");
-  MOE_SWAP_CHECK_SAME_DEVICE(w13, hidden_states);
-  MOE_SWAP_CHECK_SAME_DEVICE(w2, hidden_states);
-  MOE_SWAP_CHECK_SAME_DEVICE(topk_weights, hidden_states);
-  MOE_SWAP_CHECK_SAME_DEVICE(topk_ids, hidden_states);
-  if (expert_map.has_value()) {
-    const at::Tensor& map = *expert_map;
-    MOE_SWAP_CHECK_DIM(map, 1);
-    MOE_SWAP_CHECK_DTYPE(map, at::kInt);
-    MOE_SWAP_CHECK_SAME_DEVICE(map, hidden_states);
-    TORCH_CHECK(map.size(0) >= 1, "expert_map must hold at least one entry, got shape ", shape_str(map));
-  }
-  TORCH_CHECK(activation == "silu" || activation == "gelu" || activation == "gelu_tanh",
-              "activation must be 'silu', 'gelu' or 'gelu_tanh', got '", std::string(activation), "'");
-  return {T, H, I, E, k};
-}
-
 namespace {
 
 using namespace moe_cuda;
-
-int activation_code(c10::string_view activation) {
-  if (activation == "silu") return kActSilu;
-  if (activation == "gelu") return kActGelu;
-  return kActGeluTanh;
-}
 
 // Run f with a value of the CUDA element type matching `dtype` (float, __half, __nv_bfloat16).
 template <typename F>
@@ -172,8 +121,12 @@ void raise_on_invalid_pair(const MoeRouting& routing, const at::Tensor& topk_ids
 at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
                           const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                           const std::optional<at::Tensor>& expert_map, c10::string_view activation) {
-  const auto [T, H, I, E, k] =
-      check_fused_moe_args_cuda_local(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation);
+  const FusedMoeSizes sizes = check_fused_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation);
+  const int64_t T = sizes.num_tokens;
+  const int64_t H = sizes.hidden_size;
+  const int64_t I = sizes.intermediate_size;
+  const int64_t E = sizes.num_experts;
+  const int64_t k = sizes.top_k;
   TORCH_CHECK(hidden_states.is_cuda(), "hidden_states must be a CUDA tensor, got ", hidden_states.device());
   const c10::cuda::OptionalCUDAGuard device_guard(hidden_states.device());
 
@@ -191,13 +144,14 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const at::Tensor ids_c = topk_ids.contiguous();
   const std::optional<at::Tensor> map_c =
       expert_map.has_value() ? std::optional<at::Tensor>(expert_map->contiguous()) : std::nullopt;
-  const int64_t num_ids = map_c.has_value() ? map_c->size(0) : E;
+  const int64_t num_ids = sizes.num_global_experts;
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const bool decode = num_pairs <= kDecodeMaxPairs;
   const bool vendor = !decode && hidden_states.scalar_type() == at::kBFloat16 &&
-                      (props->major == 9 || props->major == 10) && H % 8 == 0 && I % 8 == 0 &&
+                      // exactly the archs of torch's CUTLASS path: elsewhere it loops on the host (a sync)
+                      props->minor == 0 && (props->major == 9 || props->major == 10) && H % 8 == 0 && I % 8 == 0 &&
                       is_aligned_16(w13_c.data_ptr()) && is_aligned_16(w2_c.data_ptr()) && vendor_gemm_allowed();
 
   // ---- sort the pairs by expert ----
@@ -224,7 +178,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   MOE_SWAP_LAUNCH_CHECK();
   if (debug_enabled()) raise_on_invalid_pair(routing, ids_c, map_c, num_pairs, k, E, stream);
 
-  const int act = activation_code(activation);
+  if (E == 0) return out.zero_();  // every pair was invalid and dropped (or raised above)
+  const int act = static_cast<int>(sizes.activation);
   const int combine_threads = static_cast<int>(std::min<int64_t>(256, ((H + 31) / 32) * 32));
 
   if (vendor) {

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "moe/moe_checks.h"
+
 namespace moe_swap::moe_cuda {
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -23,12 +25,10 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// The activation codes passed from the host (a runtime switch, uniform across the grid).
-enum MoeActivation : int { kActSilu = 0, kActGelu = 1, kActGeluTanh = 2 };
-
+// `activation` is a moe_swap::MoeActivation (moe_checks.h) as int: a runtime switch, uniform across the grid.
 __device__ __forceinline__ float apply_activation(float g, int activation) {
-  if (activation == kActSilu) return g / (1.0f + expf(-g));
-  if (activation == kActGelu) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+  if (activation == static_cast<int>(MoeActivation::kSilu)) return g / (1.0f + expf(-g));
+  if (activation == static_cast<int>(MoeActivation::kGelu)) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
   // tanh approximation: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
   return 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)));
 }
