@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 namespace moe_swap::cpu {
@@ -73,8 +74,11 @@ void act_and_mul_generic(const float* gate, const float* up, float* out, int64_t
 }
 
 namespace {
+// MOE_SWAP_CPU_KERNELS=generic forces the portable builds (the tests run both).
 bool cpu_has_avx512() {
 #if defined(MOE_SWAP_HAVE_AVX512_KERNELS)
+  const char* forced = std::getenv("MOE_SWAP_CPU_KERNELS");
+  if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
