@@ -100,7 +100,7 @@ def test_expert_map_with_unheld_experts(T, dtype):
 
 def test_all_pairs_unheld_gives_zeros():
     x, w13, w2, weights, ids = make_problem(100, 64, 32, 4, 2, torch.float32, num_global=8)
-    expert_map = torch.full((8,), -1, dtype=torch.int32, device="cuda")
+    expert_map = torch.full((8,), -1, dtype=torch.int32, device=x.device)
     out = ops.fused_moe(x, w13, w2, weights, ids, expert_map)
     assert torch.equal(out, torch.zeros_like(out))
 
@@ -111,7 +111,7 @@ def _with_invalid_ids(T, use_map):
     x, w13, w2, weights, ids = make_problem(T, 128, 64, E, 2, torch.float32, num_global=12 if use_map else None)
     expert_map = None
     if use_map:
-        expert_map = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, -1, 99, -5], dtype=torch.int32, device="cuda")
+        expert_map = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, -1, 99, -5], dtype=torch.int32, device=x.device)
     bad = ids.clone()
     bad[0, 0] = 1000 if not use_map else 10  # out of range, or mapped to 99
     bad[-1, 1] = -3 if not use_map else 11   # negative, or mapped to -5
@@ -193,7 +193,7 @@ def test_non_default_stream(T):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_host_device_sync(T, dtype):
     x, w13, w2, weights, ids = make_problem(T, 256, 128, 8, 2, dtype)
-    expert_map = torch.arange(8, dtype=torch.int32, device="cuda")
+    expert_map = torch.arange(8, dtype=torch.int32, device=x.device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
