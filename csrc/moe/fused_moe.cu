@@ -134,8 +134,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (T == 0 || H == 0) return out;
   if (I == 0 || k == 0) return out.zero_();
   const int64_t num_pairs = T * k;
-  TORCH_CHECK(num_pairs < (int64_t{1} << 31) && 2 * I < (int64_t{1} << 31) && H < (int64_t{1} << 31),
-              "fused_moe: T * k, 2 * I and H must each be below 2^31, got T * k = ", num_pairs, ", I = ", I, ", H = ", H);
+  constexpr int64_t kIntLimit = int64_t{1} << 31;  // kernels index rows and columns with int
+  TORCH_CHECK(num_pairs < kIntLimit && 2 * I < kIntLimit && H < kIntLimit && E < kIntLimit,
+              "fused_moe: T * k, 2 * I, H and E must each be below 2^31, got T * k = ", num_pairs, ", I = ", I,
+              ", H = ", H, ", E = ", E);
 
   const at::Tensor x = hidden_states.contiguous();
   const at::Tensor w13_c = w13.contiguous();
