@@ -10,3 +10,6 @@ from .ops import fused_moe, set_debug, topk_route
 
 __all__ = ["fused_moe", "set_debug", "topk_route"]
 __version__ = "0.1.0"
+
+from .offload import OffloadReport, offload  # noqa: E402  (Hugging Face models, issue 4)
+__all__ += ["offload", "OffloadReport"]
