@@ -13,3 +13,5 @@ __version__ = "0.1.0"
 
 from .offload import OffloadReport, offload  # noqa: E402  (Hugging Face models, issue 4)
 __all__ += ["offload", "OffloadReport"]
+from .loader import load  # noqa: E402  (safetensors folder -> model with streamed experts, issue 4)
+__all__ += ["load"]
