@@ -80,7 +80,8 @@ class OffloadReport:
         ]
         if self.load:
             rows.append(("load time", f"{self.load['seconds']:.2f} s"))
-            rows.append(("peak host memory (load)", format_bytes(self.load["peak_host_bytes"])))
+            rows.append(("peak host memory (load)", f"{format_bytes(self.load['peak_host_bytes'])} (process "
+                         f"resident memory before loading: {format_bytes(self.load['host_bytes_before'])})"))
         width = max(len(k) for k, _ in rows)
         lines = ["moe_swap offload"] + [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += [f"  warning: {w}" for w in self.warnings]
