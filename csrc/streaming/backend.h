@@ -37,17 +37,15 @@ int64_t host_memory_available();
 
 // One contiguous piece of a layer copy: an expert's (or a run of small experts') w13 or w2 rows.
 struct CopyChunk {
-  size_t src_offset;  // into the layer's host block
-  size_t dst_offset;  // into the slot
+  const uint8_t* src;  // in the host store
+  uint8_t* dst;        // in the slot
   size_t bytes;
 };
 
-// A whole-layer copy from its host block into a slot.
+// A whole-layer copy from the host store into a slot.
 struct CopyPlan {
   int64_t layer;
   int slot;
-  const uint8_t* src;
-  uint8_t* dst;
   size_t bytes;
   std::vector<CopyChunk> chunks;
   bool inject_fault;  // test knob: this copy fails (see streamer_create's test_fail_copy_at)
@@ -95,8 +93,8 @@ class StreamBackend {
   // Spans that could not be timed (too many pending); reported, never waited for.
   virtual int64_t untimed_spans() const = 0;
   // A tensor on device() that reads host memory directly (`uva`); keeps `block` alive.
-  virtual at::Tensor uva_view(const std::shared_ptr<HostBlock>& block, size_t offset,
-                              at::IntArrayRef sizes, at::ScalarType dtype) = 0;
+  virtual at::Tensor uva_view(const std::shared_ptr<HostBlock>& block, at::IntArrayRef sizes,
+                              at::ScalarType dtype) = 0;
 };
 
 struct BackendOptions {

@@ -129,10 +129,10 @@ class CpuBackend final : public StreamBackend {
 
   int64_t untimed_spans() const override { return 0; }
 
-  at::Tensor uva_view(const std::shared_ptr<HostBlock>& block, size_t offset, at::IntArrayRef sizes,
+  at::Tensor uva_view(const std::shared_ptr<HostBlock>& block, at::IntArrayRef sizes,
                       at::ScalarType dtype) override {
     auto keep = block;
-    return at::from_blob(block->data + offset, sizes, [keep](void*) {},
+    return at::from_blob(block->data, sizes, [keep](void*) {},
                          at::TensorOptions().dtype(dtype).device(at::kCPU));
   }
 
@@ -156,7 +156,7 @@ class CpuBackend final : public StreamBackend {
         std::uniform_int_distribution<int64_t> delay(0, options_.test_copy_delay_us);
         std::this_thread::sleep_for(std::chrono::microseconds(delay(rng)));
       }
-      std::memcpy(plan.dst + c.dst_offset, plan.src + c.src_offset, c.bytes);
+      std::memcpy(c.dst, c.src, c.bytes);
     }
   }
 

@@ -65,24 +65,21 @@ int64_t HostStore::reserve(StreamBackend& backend, at::IntArrayRef w13_shape, at
   const size_t itemsize = c10::elementSize(dtype);
 
   LayerLayout layout{E, I, H, dtype, checked_bytes("w13", w13_shape, itemsize),
-                     checked_bytes("w2", w2_shape, itemsize), 0};
-  layout.slot_w2_offset = (layout.w13_bytes + kSlotAlign - 1) / kSlotAlign * kSlotAlign;
-  TORCH_CHECK(layout.slot_w2_offset >= layout.w13_bytes &&
-                  layout.w2_bytes <= SIZE_MAX - layout.slot_w2_offset,
-              "HostStore: layer of shapes ", w13_shape, " and ", w2_shape, " is too large to address");
+                     checked_bytes("w2", w2_shape, itemsize)};
+  TORCH_CHECK(layout.w2_bytes <= SIZE_MAX - layout.w13_bytes, "HostStore: layer of shapes ", w13_shape, " and ",
+              w2_shape, " is too large to address");
 
-  auto block = backend.allocate_host(layout.host_bytes());
-  layers_.push_back(Entry{layout, std::move(block), 0});
+  Entry entry{layout, {backend.allocate_host(layout.w13_bytes), backend.allocate_host(layout.w2_bytes)}, 0};
+  layers_.push_back(std::move(entry));
   host_bytes_ += layout.host_bytes();
-  max_slot_bytes_ = std::max(max_slot_bytes_, layout.slot_bytes());
+  for (int which = 0; which < 2; ++which) max_bytes_[which] = std::max(max_bytes_[which], layout.bytes(which));
   return num_layers() - 1;
 }
 
 at::Tensor HostStore::host_view(int64_t layer, int64_t which) const {
   const Entry& e = layers_[layer];
   const LayerLayout& l = e.layout;
-  uint8_t* base = e.block->data + (which == 0 ? 0 : l.w13_bytes);
-  return at::from_blob(base, which == 0 ? l.w13_shape() : l.w2_shape(),
+  return at::from_blob(e.blocks[which]->data, which == 0 ? l.w13_shape() : l.w2_shape(),
                        at::TensorOptions().dtype(l.dtype).device(at::kCPU));
 }
 

@@ -1,5 +1,7 @@
-// HostStore: every streamed layer's expert weights, packed in exact-size host memory (pinned on
-// CUDA), one block per layer: w13 [E, 2I, H] (gate rows, then up rows) then w2 [E, H, I].
+// HostStore: every streamed layer's expert weights in exact-size host memory (pinned on CUDA),
+// two blocks per layer: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]. Two blocks, not
+// one, so the two views a uva acquire returns never share a storage (custom ops' outputs must not
+// alias one another).
 #pragma once
 
 #include "streaming/backend.h"
@@ -18,17 +20,13 @@ struct LayerLayout {
   int64_t intermediate;   // I (w13 has 2I rows)
   int64_t hidden;         // H
   at::ScalarType dtype;
-  size_t w13_bytes;       // E*2I*H*itemsize, at offset 0 of the host block
-  size_t w2_bytes;        // E*H*I*itemsize, right after w13 in the host block (no padding)
-  size_t slot_w2_offset;  // where w2 starts inside a slot: w13_bytes rounded up to kSlotAlign
-  size_t slot_bytes() const { return slot_w2_offset + w2_bytes; }
+  size_t w13_bytes;       // E*2I*H*itemsize
+  size_t w2_bytes;        // E*H*I*itemsize
+  size_t bytes(int64_t which) const { return which == 0 ? w13_bytes : w2_bytes; }
   size_t host_bytes() const { return w13_bytes + w2_bytes; }
   std::vector<int64_t> w13_shape() const { return {num_experts, 2 * intermediate, hidden}; }
   std::vector<int64_t> w2_shape() const { return {num_experts, hidden, intermediate}; }
 };
-
-// Slot offsets are aligned so every view starts on a boundary kernels like.
-constexpr size_t kSlotAlign = 256;
 
 class HostStore {
  public:
@@ -42,23 +40,25 @@ class HostStore {
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   const LayerLayout& layout(int64_t layer) const { return layers_[layer].layout; }
-  const std::shared_ptr<HostBlock>& block(int64_t layer) const { return layers_[layer].block; }
+  // which: 0 w13, 1 w2
+  const std::shared_ptr<HostBlock>& block(int64_t layer, int64_t which) const { return layers_[layer].blocks[which]; }
   // Bytes written into the layer so far (a layer is used only once it has all its bytes).
   size_t bytes_written(int64_t layer) const { return layers_[layer].bytes_written; }
   size_t host_bytes() const { return host_bytes_; }
-  size_t max_slot_bytes() const { return max_slot_bytes_; }
+  // The largest w13 / w2 of any layer: what a scratch-ring slot must hold.
+  size_t max_bytes(int64_t which) const { return max_bytes_[which]; }
   // CPU tensors aliasing the host block (valid while the store lives).
   at::Tensor host_view(int64_t layer, int64_t which) const;
 
  private:
   struct Entry {
     LayerLayout layout;
-    std::shared_ptr<HostBlock> block;
+    std::shared_ptr<HostBlock> blocks[2];
     size_t bytes_written = 0;
   };
   std::vector<Entry> layers_;
   size_t host_bytes_ = 0;
-  size_t max_slot_bytes_ = 0;
+  size_t max_bytes_[2] = {0, 0};
 };
 
 }  // namespace moe_swap::streaming

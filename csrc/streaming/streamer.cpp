@@ -115,17 +115,23 @@ std::tuple<at::Tensor, at::Tensor> Streamer::host_copy(int64_t layer) {
 
 void Streamer::ensure_slots() {
   TORCH_CHECK(store_.num_layers() > 0, "the streamer has no layers: add_layer first");
-  const size_t need = store_.max_slot_bytes();
-  if (static_cast<int64_t>(slot_memory_.size()) == num_slots_ && slot_bytes_ >= need) return;
+  const size_t need[2] = {store_.max_bytes(0), store_.max_bytes(1)};
+  if (static_cast<int64_t>(slot_memory_.size()) == num_slots_ && slot_area_bytes_[0] >= need[0] &&
+      slot_area_bytes_[1] >= need[1]) {
+    return;
+  }
   for (const Slot& s : slots_) {
-    TORCH_CHECK(!s.held, "a layer larger than the scratch-ring slots (", slot_bytes_, " bytes) was added while layer ",
-                s.layer, " is acquired; release every layer before using the larger one (needs ", need,
+    TORCH_CHECK(!s.held, "a layer larger than the scratch-ring slots (", slot_bytes(), " bytes) was added while layer ",
+                s.layer, " is acquired; release every layer before using the larger one (needs ", need[0] + need[1],
                 " bytes per slot)");
   }
   backend_->drain();
   slot_memory_.clear();
-  for (int64_t i = 0; i < num_slots_; ++i) slot_memory_.push_back(backend_->allocate_slot(need));
-  slot_bytes_ = need;
+  for (int64_t i = 0; i < num_slots_; ++i) {
+    slot_memory_.push_back({backend_->allocate_slot(need[0]), backend_->allocate_slot(need[1])});
+  }
+  slot_area_bytes_[0] = need[0];
+  slot_area_bytes_[1] = need[1];
   for (Slot& s : slots_) s = Slot{};
 }
 
@@ -163,14 +169,17 @@ int Streamer::pick_victim(int64_t cursor, int64_t limit) const {
 
 CopyPlan Streamer::plan_copy(int64_t layer, int slot) {
   const LayerLayout& l = store_.layout(layer);
-  CopyPlan plan{layer, slot, store_.block(layer)->data, slot_memory_[slot].data_ptr<uint8_t>(), l.host_bytes(), {},
-                copies_issued_total_ == test_fail_copy_at_};
-  const size_t w13_expert = l.w13_bytes / l.num_experts, w2_expert = l.w2_bytes / l.num_experts;
+  CopyPlan plan{layer, slot, l.host_bytes(), {}, copies_issued_total_ == test_fail_copy_at_};
+  const uint8_t* src[2] = {store_.block(layer, 0)->data, store_.block(layer, 1)->data};
+  uint8_t* dst[2] = {slot_memory_[slot][0].data_ptr<uint8_t>(), slot_memory_[slot][1].data_ptr<uint8_t>()};
+  const size_t per_expert[2] = {l.w13_bytes / l.num_experts, l.w2_bytes / l.num_experts};
   for (int64_t first = 0; first < l.num_experts;) {
     int64_t n = 1;
-    while (first + n < l.num_experts && (w13_expert + w2_expert) * n < kMinChunkBytes) ++n;
-    plan.chunks.push_back({first * w13_expert, first * w13_expert, n * w13_expert});
-    plan.chunks.push_back({l.w13_bytes + first * w2_expert, l.slot_w2_offset + first * w2_expert, n * w2_expert});
+    while (first + n < l.num_experts && (per_expert[0] + per_expert[1]) * n < kMinChunkBytes) ++n;
+    for (int which = 0; which < 2; ++which) {
+      const size_t offset = first * per_expert[which];
+      plan.chunks.push_back({src[which] + offset, dst[which] + offset, n * per_expert[which]});
+    }
     first += n;
   }
   ++copies_issued_total_;
@@ -212,12 +221,10 @@ void Streamer::prefetch_window() {
 
 std::tuple<at::Tensor, at::Tensor> Streamer::slot_views(int slot, int64_t layer) {
   const LayerLayout& l = store_.layout(layer);
-  const at::Tensor& mem = slot_memory_[slot];
-  at::Tensor w13 = mem.narrow(0, 0, static_cast<int64_t>(l.w13_bytes)).view(l.dtype).view(l.w13_shape());
-  at::Tensor w2 = mem.narrow(0, static_cast<int64_t>(l.slot_w2_offset), static_cast<int64_t>(l.w2_bytes))
-                      .view(l.dtype)
-                      .view(l.w2_shape());
-  return {w13, w2};
+  auto view = [&](int which, std::vector<int64_t> shape) {
+    return slot_memory_[slot][which].narrow(0, 0, static_cast<int64_t>(l.bytes(which))).view(l.dtype).view(shape);
+  };
+  return {view(0, l.w13_shape()), view(1, l.w2_shape())};
 }
 
 std::tuple<at::Tensor, at::Tensor> Streamer::acquire(int64_t layer) {
@@ -232,9 +239,8 @@ std::tuple<at::Tensor, at::Tensor> Streamer::acquire(int64_t layer) {
   layer_stats_[layer].acquires += 1;
 
   if (mode_ == Mode::kUva) {
-    const auto& block = store_.block(layer);
-    at::Tensor w13 = backend_->uva_view(block, 0, l.w13_shape(), l.dtype);
-    at::Tensor w2 = backend_->uva_view(block, l.w13_bytes, l.w2_shape(), l.dtype);
+    at::Tensor w13 = backend_->uva_view(store_.block(layer, 0), l.w13_shape(), l.dtype);
+    at::Tensor w2 = backend_->uva_view(store_.block(layer, 1), l.w2_shape(), l.dtype);
     backend_->begin_hold(layer);
     held_slot_[layer] = kHeldWithoutSlot;
     cursor_ = layer;
@@ -365,8 +371,8 @@ std::vector<int64_t> Streamer::info() {
   std::lock_guard<std::mutex> lock(mu_);
   return {store_.num_layers(),
           static_cast<int64_t>(store_.host_bytes()),
-          static_cast<int64_t>(slot_memory_.size() * slot_bytes_),
-          static_cast<int64_t>(slot_bytes_),
+          static_cast<int64_t>(slot_memory_.size() * slot_bytes()),
+          static_cast<int64_t>(slot_bytes()),
           num_slots_,
           prefetch_depth_,
           backend_->untimed_spans()};

@@ -17,6 +17,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -89,8 +90,12 @@ class Streamer {
   std::unique_ptr<StreamBackend> backend_;
   HostStore store_;
   // ScratchRing
-  std::vector<at::Tensor> slot_memory_;  // allocated at the first acquire/prefetch, re-sized if layers grow
-  size_t slot_bytes_ = 0;
+  // Per slot a w13 area and a w2 area (separate allocations, so acquire's two outputs never share a
+  // storage), sized for the largest layer; allocated at the first acquire/prefetch, re-sized if a
+  // larger layer is added later.
+  std::vector<std::array<at::Tensor, 2>> slot_memory_;
+  size_t slot_area_bytes_[2] = {0, 0};
+  size_t slot_bytes() const { return slot_area_bytes_[0] + slot_area_bytes_[1]; }
   std::vector<Slot> slots_;
   std::vector<int> held_slot_;  // per layer: the slot it holds while acquired, or -1 (uva: 0 when held)
   int64_t cursor_ = -1;         // the last acquired layer: prefetch looks ahead from here
