@@ -7,8 +7,9 @@ import torch  # noqa: F401  (the native library links against torch's; load torc
 
 from . import _C  # noqa: F401  (registers the torch ops)
 from .ops import fused_moe, set_debug, topk_route
+from .streamer import WeightStreamer
 
-__all__ = ["fused_moe", "set_debug", "topk_route"]
+__all__ = ["WeightStreamer", "fused_moe", "set_debug", "topk_route"]
 __version__ = "0.1.0"
 
 from .offload import OffloadReport, offload  # noqa: E402  (Hugging Face models, issue 4)
