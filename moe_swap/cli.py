@@ -76,7 +76,7 @@ def _streamer_totals(model) -> dict:
     """Bytes copied and compute-stream wait time so far, from the streamer's statistics."""
     report = getattr(model, "moe_swap_report", None)
     stats = report.stats() if report is not None else {}
-    return {"bytes_copied": int(stats.get("bytes_copied", 0)), "wait_s": float(stats.get("wait_s", 0.0))}
+    return {"bytes_copied": int(stats.get("bytes_copied", 0)), "wait_s": float(stats.get("wait_ms", 0.0)) / 1e3}
 
 
 def _fmt_bytes(n: float) -> str:

