@@ -11,6 +11,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -104,7 +105,8 @@ def cmd_demo(args) -> int:
     from .loader import load
 
     device = args.device or _default_device()
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    # float32 by default so the token check is exact; a checkpoint folder keeps its own dtype
+    dtype = _DTYPES[args.dtype] if args.dtype else (None if args.model else torch.float32)
     with contextlib.ExitStack() as stack:
         if args.model:
             folder = args.model
@@ -123,7 +125,7 @@ def cmd_demo(args) -> int:
 
         reference_tokens, resident_s = None, None
         if not args.no_check:
-            reference = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+            reference = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").to(device).eval()
             _greedy(reference, ids, 2)  # warm up
             reference_tokens, resident_s = _timed_greedy(reference, ids, args.new_tokens, device)
             del reference
@@ -132,6 +134,7 @@ def cmd_demo(args) -> int:
         model = load(folder, device=device, gpu_budget=args.gpu_budget, policy=args.policy, slots=args.slots,
                      mode=args.mode, dtype=dtype)
         report = model.moe_swap_report
+        dtype = next(model.parameters()).dtype
         print(report)
         _greedy(model, ids, 2)  # warm up
         before = _streamer_totals(model)
@@ -177,7 +180,9 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- bench
 
-BENCH_MODES = ("resident", "full", "sync", "uva", "accelerate")
+# resident: the unmodified model; fused_resident: moe_swap's kernels with every expert on the device
+# (isolates streaming from kernel differences); full/sync/uva: the streamer's modes; accelerate: cpu_offload
+BENCH_MODES = ("resident", "fused_resident", "full", "sync", "uva", "accelerate")
 
 
 def _build_for_mode(mode: str, folder: str, device: str, dtype, gpu_budget, slots):
@@ -193,6 +198,10 @@ def _build_for_mode(mode: str, folder: str, device: str, dtype, gpu_budget, slot
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         cpu_offload(model, execution_device=torch.device(device))
         return model
+    if mode == "fused_resident":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "nothing was offloaded" is the point here
+            return load(folder, device=device, gpu_budget=2**62, slots=slots, dtype=dtype)
     return load(folder, device=device, gpu_budget=gpu_budget, slots=slots, mode=mode, dtype=dtype)
 
 
@@ -395,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"shipped config when no --model is given: {', '.join(_shipped_configs())} "
                             f"(default {DEFAULT_CONFIG}), or a path to a config .json")
         p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
-        p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+        p.add_argument("--dtype", choices=sorted(_DTYPES),
+                       help="demo default: float32 (exact token check), or the checkpoint's dtype with --model; "
+                            "bench default: bfloat16 on cuda, float32 on cpu")
         p.add_argument("--gpu-budget", help="device memory for weights, e.g. 20GiB or 512MB (default: stream "
                                             "every MoE layer)")
         p.add_argument("--slots", type=int, default=2, help="ScratchRing slots (default 2)")
@@ -420,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "kernels read pinned memory) and Hugging Face accelerate's cpu_offload; "
                                        "prefill and decode, several batch sizes; writes JSON and a PNG chart.")
     model_args(bench)
-    bench.add_argument("--modes", default=",".join(BENCH_MODES), help=f"comma list from {', '.join(BENCH_MODES)}")
+    bench.add_argument("--modes", default=",".join(BENCH_MODES),
+                       help=f"comma list from {', '.join(BENCH_MODES)} (resident: the unmodified model; "
+                            f"fused_resident: moe_swap kernels, every expert on the device)")
     bench.add_argument("--batch-sizes", default="1,8", help="comma list (default 1,8)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prefill tokens per sequence (default 128)")
     bench.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed (default 16)")

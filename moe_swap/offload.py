@@ -275,7 +275,7 @@ def _offload(
 
     device_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
     if streamer is not None and mode != "uva":
-        device_bytes += plan.slots * int(streamer.slot_bytes)  # the ring is allocated at the first acquire
+        device_bytes += plan.slots * plan.slot_bytes  # the ring (allocated at the first acquire)
     report = OffloadReport(
         model_type=config.model_type,
         device=str(device),
