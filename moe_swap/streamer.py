@@ -42,6 +42,12 @@ def _acquire_fake(handle, layer, after):
     return torch.empty(w13_shape, dtype=dtype, device=device), torch.empty(w2_shape, dtype=dtype, device=device)
 
 
+@torch.library.register_fake("moe_swap::streamer_host_copy")
+def _host_copy_fake(handle, layer):
+    w13_shape, w2_shape, dtype, _ = _LAYER_META[handle][layer]
+    return torch.empty(w13_shape, dtype=dtype), torch.empty(w2_shape, dtype=dtype)
+
+
 @torch.library.register_fake("moe_swap::streamer_release")
 def _release_fake(handle, layer, after):
     return None
