@@ -197,7 +197,9 @@ class CudaBackend final : public StreamBackend {
     void* device_ptr = nullptr;
     C10_CUDA_CHECK(cudaHostGetDevicePointer(&device_ptr, block->data, 0));
     auto keep = block;  // the host memory lives as long as any view of it
-    return at::from_blob(device_ptr, sizes, [keep](void*) {}, at::TensorOptions().dtype(dtype).device(device_));
+    // target_device given: from_blob need not ask the driver which device the pointer belongs to.
+    return at::from_blob(device_ptr, sizes, [keep](void*) {}, at::TensorOptions().dtype(dtype).device(device_),
+                         device_);
   }
 
  private:
