@@ -12,6 +12,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
@@ -31,14 +32,20 @@ void free_pinned(void* data, size_t bytes) {
 // Pending timing spans beyond this many are not timed (counted in untimed_spans) rather than waited for.
 constexpr size_t kMaxTimingEvents = 4096;
 
+// "cuda" means the current device; and a clear error for a device that isn't there.
+c10::Device resolve_device(c10::Device device) {
+  TORCH_CHECK(device.is_cuda(), "the CUDA backend needs a CUDA device, got ", device.str());
+  int count = 0;
+  C10_CUDA_CHECK(cudaGetDeviceCount(&count));
+  if (!device.has_index()) device = c10::Device(c10::kCUDA, c10::cuda::current_device());
+  TORCH_CHECK(device.index() < count, "device ", device.str(), " does not exist: ", count, " CUDA device(s) visible");
+  return device;
+}
+
 class CudaBackend final : public StreamBackend {
  public:
-  CudaBackend(c10::Device device, const BackendOptions& options) : device_(device), options_(options) {
-    TORCH_CHECK(device.is_cuda() && device.has_index(), "CudaBackend needs a CUDA device with an index, got ",
-                device.str());
-    int count = 0;
-    C10_CUDA_CHECK(cudaGetDeviceCount(&count));
-    TORCH_CHECK(device.index() < count, "device ", device.str(), " does not exist: ", count, " CUDA device(s) visible");
+  CudaBackend(c10::Device device, const BackendOptions& options)
+      : device_(resolve_device(device)), options_(options) {
     c10::cuda::CUDAGuard guard(device_);
     try {
       // Its own stream, not one from torch's pool: pool streams are shared round-robin, and another
