@@ -90,7 +90,7 @@ class WeightStreamer:
     pass ``after=[input]`` to acquire and ``after=[output]`` to release so the graph orders them around
     the compute. acquire/prefetch/release never synchronise the host with the device. CUDA-graph
     capture of a forward is the aim but has not been tried: create the streamer with
-    ``timing=False`` (no event queries), and the wrap-around prefetch issued by the last release
+    ``timing=False`` (no event queries), and the wrap-around prefetch of the next pass's first layer
     leaves the copy stream forked at the end of the forward.
     """
 
