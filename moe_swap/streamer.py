@@ -42,6 +42,12 @@ def _acquire_fake(handle, layer, after):
     return torch.empty(w13_shape, dtype=dtype, device=device), torch.empty(w2_shape, dtype=dtype, device=device)
 
 
+@torch.library.register_fake("moe_swap::streamer_host_copy")
+def _host_copy_fake(handle, layer):
+    w13_shape, w2_shape, dtype, _ = _LAYER_META[handle][layer]
+    return torch.empty(w13_shape, dtype=dtype), torch.empty(w2_shape, dtype=dtype)
+
+
 @torch.library.register_fake("moe_swap::streamer_release")
 def _release_fake(handle, layer, after):
     return None
@@ -79,6 +85,13 @@ class WeightStreamer:
 
     Use: ``i = s.add_layer(w13, w2)`` for each layer, then per forward and layer
     ``w13, w2 = s.acquire(i)`` ... compute ... ``s.release(i)``. The views are valid until release.
+
+    Inside ``torch.compile``: the ops trace with fake kernels (the handle and layer are constants);
+    pass ``after=[input]`` to acquire and ``after=[output]`` to release so the graph orders them around
+    the compute. acquire/prefetch/release never synchronise the host with the device. CUDA-graph
+    capture of a forward is the aim but has not been tried: create the streamer with
+    ``timing=False`` (no event queries), and the wrap-around prefetch of the next pass's first layer
+    leaves the copy stream forked at the end of the forward.
     """
 
     def __init__(self, device: Union[str, torch.device] = "cuda", slots: int = 2, prefetch_depth: int = 1,

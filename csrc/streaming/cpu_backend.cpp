@@ -115,10 +115,7 @@ class CpuBackend final : public StreamBackend {
 
   void drain() override {
     std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [&] {
-      if (!queue_.empty() || busy_) return false;
-      return true;
-    });
+    done_cv_.wait(lock, [&] { return queue_.empty() && !busy_; });
   }
 
   void collect(std::vector<Span>& out, bool /*block*/) override {

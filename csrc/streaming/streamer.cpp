@@ -116,10 +116,7 @@ std::tuple<at::Tensor, at::Tensor> Streamer::host_copy(int64_t layer) {
 void Streamer::ensure_slots() {
   TORCH_CHECK(store_.num_layers() > 0, "the streamer has no layers: add_layer first");
   const size_t need[2] = {store_.max_bytes(0), store_.max_bytes(1)};
-  if (static_cast<int64_t>(slot_memory_.size()) == num_slots_ && slot_area_bytes_[0] >= need[0] &&
-      slot_area_bytes_[1] >= need[1]) {
-    return;
-  }
+  if (slots_fit()) return;
   for (const Slot& s : slots_) {
     TORCH_CHECK(!s.held, "a layer larger than the scratch-ring slots (", slot_bytes(), " bytes) was added while layer ",
                 s.layer, " is acquired; release every layer before using the larger one (needs ", need[0] + need[1],
@@ -133,6 +130,20 @@ void Streamer::ensure_slots() {
   slot_area_bytes_[0] = need[0];
   slot_area_bytes_[1] = need[1];
   for (Slot& s : slots_) s = Slot{};
+}
+
+bool Streamer::slots_fit() const {
+  return static_cast<int64_t>(slot_memory_.size()) == num_slots_ && slot_area_bytes_[0] >= store_.max_bytes(0) &&
+         slot_area_bytes_[1] >= store_.max_bytes(1);
+}
+
+// For prefetches (hints): size the ring if needed and possible. A larger layer was added and the
+// ring can only grow while nothing is held; until then, nothing is prefetched.
+bool Streamer::try_fit_slots() {
+  if (slots_fit()) return true;
+  if (std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.held; })) return false;
+  ensure_slots();
+  return true;
 }
 
 int Streamer::find_slot(int64_t layer) const {
@@ -169,6 +180,9 @@ int Streamer::pick_victim(int64_t cursor, int64_t limit) const {
 
 CopyPlan Streamer::plan_copy(int64_t layer, int slot) {
   const LayerLayout& l = store_.layout(layer);
+  // Every path into a copy has sized the ring first; a copy past a slot's end must never happen.
+  TORCH_INTERNAL_ASSERT(slot < static_cast<int>(slot_memory_.size()) && l.w13_bytes <= slot_area_bytes_[0] &&
+                        l.w2_bytes <= slot_area_bytes_[1], "layer ", layer, " does not fit scratch-ring slot ", slot);
   CopyPlan plan{layer, slot, l.host_bytes(), {}, copies_issued_total_ == test_fail_copy_at_};
   const uint8_t* src[2] = {store_.block(layer, 0)->data, store_.block(layer, 1)->data};
   uint8_t* dst[2] = {slot_memory_[slot][0].data_ptr<uint8_t>(), slot_memory_[slot][1].data_ptr<uint8_t>()};
@@ -209,6 +223,7 @@ void Streamer::issue_into(int slot, int64_t layer, bool demand) {
 void Streamer::prefetch_window() {
   const int64_t L = store_.num_layers();
   if (mode_ != Mode::kFull || L == 0) return;
+  if (!try_fit_slots()) return;
   for (int64_t k = 1; k <= prefetch_depth_; ++k) {
     const int64_t target = ((cursor_ + k) % L + L) % L;
     if (target == cursor_) break;  // fewer layers than the window: all of them are resident
@@ -302,7 +317,7 @@ void Streamer::prefetch(int64_t layer) {
   TORCH_CHECK(store_.bytes_written(layer) >= store_.layout(layer).host_bytes(), "prefetch(", layer, "): layer ",
               layer, " is not fully written yet");
   if (held_slot_[layer] != kNotHeld || find_slot(layer) >= 0) return;
-  ensure_slots();
+  if (!try_fit_slots()) return;
   int64_t k = distance(cursor_, layer);
   if (k == 0) k = store_.num_layers();
   const int s = pick_victim(cursor_, k);

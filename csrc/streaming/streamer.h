@@ -72,6 +72,8 @@ class Streamer {
 
   void check_layer(const char* op, int64_t layer) const;
   void ensure_slots();
+  bool slots_fit() const;
+  bool try_fit_slots();
   int find_slot(int64_t layer) const;
   int64_t distance(int64_t from, int64_t to) const;
   int pick_victim(int64_t cursor, int64_t limit) const;

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with an NVIDIA GPU and no network (python3 with a CUDA build of torch,
+# nvcc, cmake, ninja, pytest already installed) build moe_swap for this GPU, run the whole test suite
+# (its CUDA cases run here), then the benchmarks, and write logs and JSON under $OUT
+# (default ./gpu_results). Budget: under 8 minutes. The last thing printed is a summary table.
+#
+#   bash scripts/gpu_check.sh            # OUT=./gpu_results
+#   OUT=/tmp/r bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu_results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}"
+summary="$OUT/summary.txt"
+: >"$summary"
+status() { printf '%-28s %s\n' "$1" "$2" | tee -a "$summary"; }
+start=$(date +%s)
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+  git rev-parse HEAD 2>/dev/null || true
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# 1. Build in place for this GPU's architecture (CMakeLists picks the local GPU's arch).
+t0=$(date +%s)
+if timeout 300 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  status build "ok ($(( $(date +%s) - t0 )) s)"
+else
+  status build "FAILED (see build.log)"
+  tail -40 "$OUT/build.log"
+  exit 1
+fi
+"$PY" -c "import torch, moe_swap; ok = torch._C._dispatch_has_kernel_for_dispatch_key('moe_swap::fused_moe', 'CUDA'); print('CUDA kernels registered:', ok); raise SystemExit(0 if ok else 1)" \
+  && status "cuda kernels" registered || status "cuda kernels" MISSING
+
+# 2. Tests. First the CUDA cases with the debug switch on (synchronise and check after every launch,
+# so a fault names its kernel), then the whole suite as users run it.
+t0=$(date +%s)
+MOE_SWAP_DEBUG=1 timeout 150 "$PY" -m pytest tests -q -rs -k "cuda" -p no:cacheprovider >"$OUT/tests.log" 2>&1
+rc=$?
+echo "---- full suite ----" >>"$OUT/tests.log"
+timeout 200 "$PY" -m pytest tests -q -rs -p no:cacheprovider >>"$OUT/tests.log" 2>&1
+rc2=$?
+status "tests (debug, cuda cases)" "$(grep -E '(passed|failed|error)' "$OUT/tests.log" | head -1) rc=$rc"
+status "tests (full suite)" "$(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1) rc=$rc2 ($(( $(date +%s) - t0 )) s)"
+
+# 3. Benchmarks, side by side, each writing JSON.
+run_bench() {  # name, seconds, command...
+  local name=$1 secs=$2
+  shift 2
+  t0=$(date +%s)
+  if timeout "$secs" "$@" >>"$OUT/bench.log" 2>&1; then
+    status "$name" "ok ($(( $(date +%s) - t0 )) s)"
+  else
+    status "$name" "FAILED or timed out rc=$? (see bench.log)"
+  fi
+}
+: >"$OUT/bench.log"
+[ -f benchmarks/bench_ops.py ] && run_bench bench_ops 90 "$PY" benchmarks/bench_ops.py --out "$OUT/bench_ops.json"
+[ -f benchmarks/bench_stream.py ] && run_bench bench_stream 90 "$PY" benchmarks/bench_stream.py --out "$OUT/bench_stream.json"
+"$PY" -c "import moe_swap.cli" 2>/dev/null && run_bench "moe_swap bench" 90 "$PY" -m moe_swap bench --out "$OUT/bench_e2e.json"
+
+echo
+echo "==== summary ($(( $(date +%s) - start )) s) ===="
+cat "$summary"
+tail -n 80 "$OUT/bench.log"

@@ -1,0 +1,42 @@
+"""The library registers every op, and its CUDA kernels whenever torch and the toolkit have CUDA."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+OPS = ["topk_route", "fused_moe"]
+
+
+def _toolkit_present() -> bool:
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return shutil.which("nvcc") is not None or os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_kernel_registered(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_swap::{op}", "CPU")
+
+
+@pytest.mark.skipif(not torch.version.cuda, reason="torch was built without CUDA")
+@pytest.mark.skipif(not _toolkit_present(), reason="no CUDA toolkit (nvcc) to have built the kernels with")
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernel_registered(op):
+    # A GPU is not needed: with a CUDA build of torch and nvcc, the build compiles every kernel.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_swap::{op}", "CUDA"), (
+        f"moe_swap::{op} has no CUDA kernel although torch {torch.__version__} has CUDA "
+        f"{torch.version.cuda} and nvcc is present: the CUDA sources were not built")
+
+
+def test_debug_switch_round_trip():
+    import moe_swap
+
+    before = moe_swap.ops.debug_enabled()
+    try:
+        moe_swap.set_debug(True)
+        assert moe_swap.ops.debug_enabled()
+        moe_swap.set_debug(False)
+        assert not moe_swap.ops.debug_enabled()
+    finally:
+        moe_swap.set_debug(before)
