@@ -132,3 +132,37 @@ def test_checkpoint_index_reads_what_safetensors_wrote(tmp_path):
     assert torch.equal(out, tensors["a"].to(torch.bfloat16))
     with pytest.raises(ValueError, match="shape"):
         index.read_into("a", torch.empty(5, 3))
+
+
+_PEAK_SCRIPT = r"""
+import json, sys
+import moe_swap
+model = moe_swap.load(sys.argv[1], device="cpu")
+r = model.moe_swap_report
+print(json.dumps({"peak": r.load["peak_host_bytes"], "before": r.load["host_bytes_before"],
+                  "reset": r.load["peak_is_load_only"], "host": r.pinned_bytes,
+                  "weights": r.device_bytes - r.slots * r.slot_bytes}))
+"""
+
+
+def test_load_peak_host_memory_stays_near_the_host_store(tmp_path):
+    """Loading never holds the experts twice: peak growth <= HostStore + non-expert weights + slack."""
+    import subprocess
+    import sys
+
+    model = tiny_model("qwen3_moe", hidden_size=256, num_hidden_layers=2, moe_intermediate_size=512,
+                       num_experts=32, vocab_size=256)
+    model.save_pretrained(tmp_path)
+    expert_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n)
+    assert expert_bytes == 2 * 32 * 3 * 512 * 256 * 4  # 96 MiB
+    del model
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    if not measured["reset"]:
+        pytest.skip("cannot reset the process's peak RSS here (/proc/self/clear_refs)")
+    assert measured["host"] == expert_bytes
+    growth = measured["peak"] - measured["before"]
+    # the ring is allocated at the first acquire, after the load; holding the experts twice would add 96 MiB
+    assert growth <= measured["host"] + measured["weights"] + 32 * 2**20, (growth, measured)
