@@ -54,6 +54,12 @@ def build_random_checkpoint(config_name: str, folder: str, dtype: torch.dtype, s
     return folder
 
 
+def _check_model_folder(path: str) -> str:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--model {path!r} is not a checkpoint folder (expected config.json + *.safetensors)")
+    return path
+
+
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -109,7 +115,7 @@ def cmd_demo(args) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else (None if args.model else torch.float32)
     with contextlib.ExitStack() as stack:
         if args.model:
-            folder = args.model
+            folder = _check_model_folder(args.model)
             source = folder
         else:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="moe_swap_demo_"))
@@ -250,7 +256,7 @@ def cmd_bench(args) -> int:
         results["gpu"] = torch.cuda.get_device_name()
     with contextlib.ExitStack() as stack:
         if args.model:
-            folder = args.model
+            folder = _check_model_folder(args.model)
         else:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="moe_swap_bench_"))
             build_random_checkpoint(args.config, folder, dtype, seed=0)
@@ -450,7 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # a user's argument or checkpoint: say what, no traceback
+        print(f"python -m moe_swap {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -63,9 +63,16 @@ def test_demo_with_a_checkpoint_folder_and_budget(tmp_path, capsys):
     assert "none" not in resident and "none" not in streamed, out
 
 
-def test_demo_rejects_unknown_policy(tiny_config):
-    with pytest.raises(ValueError, match="policy"):
-        cli.main(["demo", "--config", tiny_config, "--device", "cpu", "--policy", "bogus", "--no-check"])
+def test_demo_rejects_unknown_policy_and_budget_with_a_message(tiny_config, capsys):
+    assert cli.main(["demo", "--config", tiny_config, "--device", "cpu", "--policy", "bogus", "--no-check"]) == 2
+    assert "error: policy must be one of full" in capsys.readouterr().err
+    assert cli.main(["demo", "--config", tiny_config, "--device", "cpu", "--gpu-budget", "1KiB", "--no-check"]) == 2
+    assert "too small" in capsys.readouterr().err
+
+
+def test_demo_on_a_missing_folder_says_so(tmp_path, capsys):
+    assert cli.main(["demo", "--model", str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 def test_unknown_config_lists_the_shipped_ones():
