@@ -5,6 +5,7 @@
 
 #include "core/checks.h"
 #include "ops.h"
+#include "streaming/streamer.h"
 
 TORCH_LIBRARY(moe_swap, m) {
   // Route tokens to experts: softmax/sigmoid scores, optional group limit and selection bias,
@@ -22,6 +23,42 @@ TORCH_LIBRARY(moe_swap, m) {
   m.def("set_debug(bool enabled) -> ()", &moe_swap::set_debug);
   // Whether the debug switch is on.
   m.def("debug_enabled() -> bool", &moe_swap::debug_enabled);
+
+  // ---- weight streamer (csrc/streaming; Python face moe_swap.WeightStreamer) ----
+  // State lives in C++ streamers named by integer handles (see streaming/streamer.h for why).
+  // Create a streamer: mode "full" (copy engine + N-slot ring + prefetch), "sync" (baseline: vLLM
+  // legacy cpu_offload_gb) or "uva" (baseline: kernels read mapped pinned memory). The test_* knobs
+  // are for tests only: a random per-chunk copy delay (CPU backend) and the index of a copy that fails.
+  m.def(
+      "streamer_create(str device, int slots=2, int prefetch_depth=1, str mode=\"full\", bool trace=False, "
+      "bool timing=True, int test_copy_delay_us=0, int test_fail_copy_at=-1) -> int");
+  // Destroy a streamer: waits for its in-flight copies, then frees its host store and slots.
+  m.def("streamer_destroy(int handle) -> ()");
+  // Allocate a layer's exact-size host storage (w13 [E,2I,H], w2 [E,H,I]); returns its index. Fill with streamer_write.
+  m.def("streamer_reserve_layer(int handle, int[] w13_shape, int[] w2_shape, ScalarType dtype) -> int");
+  // Copy src ([rows, cols] or [n, rows, cols]) into a layer's w13 (which=0) or w2 (which=1) at experts
+  // [expert_start, +n), rows [row_offset, +rows).
+  m.def("streamer_write(int handle, int layer, int which, int expert_start, int row_offset, Tensor src) -> ()");
+  // Copy a whole layer into the host store; returns its index (the caller may free its tensors after).
+  m.def("streamer_add_layer(int handle, Tensor w13, Tensor w2) -> int");
+  // Copies (CPU) of a layer's host-store weights, for checks.
+  m.def("streamer_host_copy(int handle, int layer) -> (Tensor w13, Tensor w2)");
+  // The current stream waits for the layer's slot (copying it first if it was never prefetched);
+  // returns views [E,2I,H], [E,H,I] valid until release. `after`: tensors this call is ordered after.
+  m.def("streamer_acquire(int handle, int layer, Tensor[] after) -> (Tensor w13, Tensor w2)");
+  // Start copying a layer into a free slot, if one is free (a hint).
+  m.def("streamer_prefetch(int handle, int layer) -> ()");
+  // Record the slot's "free" event on the current stream after `after`'s producers; prefetch ahead.
+  m.def("streamer_release(int handle, int layer, Tensor[] after) -> ()");
+  // Host waits for every in-flight copy (tests and benchmarks; never in the steady state).
+  m.def("streamer_synchronize(int handle) -> ()");
+  // Statistics: per layer int64 [L, 8] (bytes_copied, copies_issued, chunks_issued, acquires, hits,
+  // demand_copies, wait_ns, waits_timed) and trace float64 [n, 5] (layer, slot, kind, start_us, end_us).
+  m.def("streamer_stats(int handle) -> (Tensor per_layer, Tensor trace)");
+  // [num_layers, host_bytes, device_bytes, slot_bytes, slots, prefetch_depth, untimed_spans]
+  m.def("streamer_info(int handle) -> int[]");
+  // [live streamers, live host-store bytes, live host-store blocks] in this process (leak checks).
+  m.def("streamer_live_counts() -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(moe_swap, CPU, m) {
@@ -35,6 +72,25 @@ TORCH_LIBRARY_IMPL(moe_swap, CUDA, m) {
   m.impl("fused_moe", &moe_swap::fused_moe_cuda);
 }
 #endif
+
+// The weight streamer's ops hold no per-backend kernels: the streamer behind the handle picks its
+// backend, and the ops take no tensors (or tensors on any device), so one kernel serves every key.
+TORCH_LIBRARY_IMPL(moe_swap, CompositeExplicitAutograd, m) {
+  namespace st = moe_swap::streaming;
+  m.impl("streamer_create", &st::streamer_create);
+  m.impl("streamer_destroy", &st::streamer_destroy);
+  m.impl("streamer_reserve_layer", &st::streamer_reserve_layer);
+  m.impl("streamer_write", &st::streamer_write);
+  m.impl("streamer_add_layer", &st::streamer_add_layer);
+  m.impl("streamer_host_copy", &st::streamer_host_copy);
+  m.impl("streamer_acquire", &st::streamer_acquire);
+  m.impl("streamer_prefetch", &st::streamer_prefetch);
+  m.impl("streamer_release", &st::streamer_release);
+  m.impl("streamer_synchronize", &st::streamer_synchronize);
+  m.impl("streamer_stats", &st::streamer_stats);
+  m.impl("streamer_info", &st::streamer_info);
+  m.impl("streamer_live_counts", &st::streamer_live_counts);
+}
 
 // `import moe_swap._C` loads this library, whose static initialisers above register the ops.
 extern "C" PyObject* PyInit__C(void) {

@@ -1,0 +1,401 @@
+"""Weight-streaming benchmark: full (double-buffered ring) against the sync and uva baselines.
+
+A stack of L synthetic MoE layers with realistic shapes (Mixtral-8x7B: H=4096, I=14336, E=8;
+Qwen3-30B-A3B: H=2048, I=768, E=128; H and I scaled down on CPU) is streamed through a
+WeightStreamer, with a compute workload on each acquired slot that is tuned from copy-bound to
+compute-bound (`--ratios`: compute time / copy time per layer). For each mode and ratio it reports
+the step time (one pass over the L layers), bytes moved, achieved GB/s and the overlap ratio
+step / max(copy, compute) (1.0 = perfect overlap; sum/max = no overlap), plus the peak copy rate of
+one large copy (GPU: pinned host-to-device; CPU: a large single-thread memcpy), the copy ceiling.
+On CPU it also reports the best overlap ratio the machine allows at that moment (a plain memcpy
+thread beside the compute, no streamer): on a shared 2-core machine, the two threads may not get
+two cores, and no streamer can beat that number.
+
+Output: a table on stdout, JSON and a PNG timeline (copy and compute spans per layer over time)
+in --out.
+
+  python benchmarks/bench_stream.py --device cpu               # 1 compute thread + the copy thread
+  python benchmarks/bench_stream.py --device cuda --model both
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import moe_swap  # noqa: E402
+from moe_swap import WeightStreamer  # noqa: E402
+
+MODELS = {  # name: (H, I, E) of the real model
+    "mixtral": (4096, 14336, 8),
+    "qwen3": (2048, 768, 128),
+}
+MODES = ("full", "sync", "uva")
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_layer(H, I, E, dtype):
+    """One random layer; the benchmark streams L copies of it (contents don't change the timing)."""
+    gen = torch.Generator().manual_seed(0)
+    w13 = torch.empty(E, 2 * I, H, dtype=dtype).uniform_(-0.05, 0.05, generator=gen)
+    w2 = torch.empty(E, H, I, dtype=dtype).uniform_(-0.05, 0.05, generator=gen)
+    return w13, w2
+
+
+def compute_fn(kind: str):
+    """The compute on one acquired layer: every token through every expert (a dense MoE, reading all
+    of the slot's weights), or moe_swap.fused_moe with uniform routing when --compute fused_moe."""
+    if kind == "fused_moe":
+        def run(x, w13, w2, routing):
+            return moe_swap.fused_moe(x, w13, w2, *routing)
+        return run
+
+    def run(x, w13, w2, routing):
+        inter = w13.shape[1] // 2
+        h = torch.matmul(x.unsqueeze(0), w13.transpose(1, 2))      # [E, T, 2I]
+        a = torch.nn.functional.silu(h[..., :inter]) * h[..., inter:]
+        return torch.matmul(a, w2.transpose(1, 2)).sum(0)          # [T, H]
+    return run
+
+
+def make_routing(tokens, num_experts, device):
+    top_k = min(2, num_experts)
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)]).to(torch.int32)
+    return torch.full((tokens, top_k), 1.0 / top_k, device=device), ids.to(device)
+
+
+def time_fn(fn, device, repeats=5):
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def peak_copy_rate(device: str, nbytes: int) -> float:
+    """GB/s of one large copy: pinned host -> device on GPU; a plain memcpy (1 thread) on CPU."""
+    if device.startswith("cuda"):
+        src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst.copy_(src, non_blocking=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = float("inf")
+        for _ in range(5):
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return nbytes / best / 1e9
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device, repeats=5)
+    return nbytes / seconds / 1e9
+
+
+def timed_passes(s, num_layers, device, x, compute, routing, passes):
+    """Step times of `passes` forward passes over the streamer's layers (after one warm-up pass),
+    the bytes copied and compute-stream wait per step, and the spans of the last two passes."""
+    def one_pass():
+        for i in range(num_layers):
+            w13, w2 = s.acquire(i)
+            compute(x, w13, w2, routing)
+            s.release(i)
+
+    one_pass()  # warm-up: fills the pipeline
+    synchronize(device)
+    before = s.stats()
+    step_times = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        one_pass()
+        synchronize(device)
+        step_times.append(time.perf_counter() - t0)
+    s.synchronize()
+    after = s.stats()
+    holds = sorted(sp["start_us"] for sp in after["trace"] if sp["kind"] == "hold")
+    since = holds[-2 * num_layers] if len(holds) >= 2 * num_layers else holds[0]
+    return {
+        # best of the passes, like the copy-only and compute-only references (a shared machine's
+        # interference only ever adds time); the median is reported beside it
+        "step_s": min(step_times),
+        "step_s_median": statistics.median(step_times),
+        "step_s_all": step_times,
+        "bytes_per_step": (after["bytes_copied"] - before["bytes_copied"]) / passes,
+        "wait_ms_per_step": (after["wait_ms"] - before["wait_ms"]) / passes,
+        "spans": [sp for sp in after["trace"] if sp["end_us"] >= since - 1],
+    }
+
+
+def copy_only_time(s, num_layers, device):
+    """Per-step time of the copies alone: a sync streamer acquiring and releasing with no compute."""
+    def copies():
+        for i in range(num_layers):
+            s.acquire(i)
+            s.release(i)
+    copies()
+    return time_fn(copies, device)
+
+
+def machine_parallel_time(num_layers, layer_bytes, compute, x, resident, routing, device):
+    """CPU only: plain threads, no streamer: L layer-sized memcpys in one thread while the main thread
+    computes L layers. Divided by max(copy, compute) it is the best overlap ratio this machine allows
+    right now (on a busy shared machine the two threads may not get two cores)."""
+    import threading
+
+    src = torch.empty(layer_bytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+
+    def copies():
+        for _ in range(num_layers):
+            dst.copy_(src)  # torch releases the GIL inside ops
+
+    def both():
+        t = threading.Thread(target=copies)
+        t.start()
+        for _ in range(num_layers):
+            compute(x, *resident, routing)
+        t.join()
+    return time_fn(both, device)
+
+
+MAX_TOKENS = 32768  # bounds the [E, T, 2I] intermediate of the dense workload
+
+
+def calibrate_tokens(layer, device, compute, dtype, ratio, copy_layer_s):
+    """Tokens for which compute on one layer takes about ratio * (copy time of one layer). Refined a
+    few times: at small T the workload is bound by reading the weights, not linear in T."""
+    H, E = layer[0].shape[2], layer[0].shape[0]
+    target = ratio * copy_layer_s
+    tokens = 64
+    for _ in range(4):
+        x = torch.randn(tokens, H, dtype=dtype, device=device)
+        routing = make_routing(tokens, E, device)
+        seconds = time_fn(lambda: compute(x, *layer, routing), device, repeats=2)
+        new = max(1, min(MAX_TOKENS, int(round(tokens * target / seconds))))
+        if abs(new - tokens) <= max(1, tokens // 20):
+            return new
+        tokens = new
+    return tokens
+
+
+class Budget:
+    """Wall-clock budget (GPU check: the script has a hard timeout); a run that would not fit in its
+    share is cut to fewer passes or skipped, and says so in the JSON."""
+
+    def __init__(self, seconds):
+        self.deadline = None if seconds is None else time.perf_counter() + seconds
+
+    def passes_for(self, est_pass_s, runs_left, wanted):
+        if self.deadline is None:
+            return wanted
+        share = max(0.0, self.deadline - time.perf_counter()) / max(1, runs_left)
+        return min(wanted, int(share / max(est_pass_s, 1e-6)) - 1)  # -1: the warm-up pass
+
+
+def probe_pass_time(s, num_layers, device, x, compute, routing):
+    """One layer acquired, computed and released, times L: a cheap estimate of one pass."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    w13, w2 = s.acquire(0)
+    compute(x, w13, w2, routing)
+    s.release(0)
+    synchronize(device)
+    return (time.perf_counter() - t0) * num_layers
+
+
+def plot_timeline(results, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    modes = [m for m in MODES if m in results]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(14, 2.3 * len(modes) + 0.6), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    t0 = min(sp["start_us"] for m in modes for sp in results[m]["spans"]) if modes else 0
+    for ax, mode in zip(axes[:, 0], modes):
+        spans = results[mode]["spans"]
+        m0 = min(sp["start_us"] for sp in spans)
+        lanes = {"copy": 1.0, "hold": 0.0}
+        for sp in spans:
+            start = (sp["start_us"] - m0) / 1e3
+            width = max((sp["end_us"] - sp["start_us"]) / 1e3, 1e-3)
+            if sp["kind"] == "wait":
+                if width > 0.02:
+                    ax.broken_barh([(start, width)], (-0.62, 0.16), facecolors="red")
+                continue
+            y = lanes[sp["kind"]]
+            ax.broken_barh([(start, width)], (y - 0.35, 0.7), facecolors=cmap(sp["layer"] % 10),
+                           edgecolors="black", linewidth=0.4)
+            if width > 0:
+                ax.text(start + width / 2, y, f"L{sp['layer']}", ha="center", va="center", fontsize=7, clip_on=True)
+        r = results[mode]
+        ax.set_yticks([-0.54, 0, 1], ["waiting", "compute\n(acquire→release)", "copy engine" if mode == "full" else
+                               ("copy (compute stream)" if mode == "sync" else "copy (none)")])
+        ax.set_ylim(-0.75, 1.5)
+        label = {"full": "full (ring + prefetch)", "sync": "sync BASELINE (vLLM legacy cpu_offload_gb)",
+                 "uva": "uva BASELINE (kernels read pinned host memory)"}[mode]
+        ax.set_title(f"{label}: step {r['step_s'] * 1e3:.1f} ms, overlap ratio {r['overlap_ratio']:.2f}",
+                     fontsize=10, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("time (ms), last two forward passes")
+    fig.legend(handles=[Patch(color="red", label="compute waiting on a copy")], loc="upper right", fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", choices=[*MODELS, "both"], default="both")
+    p.add_argument("--layers", type=int, default=None, help="streamed layers (default 4)")
+    p.add_argument("--scale", type=int, default=None,
+                   help="divide H and I by this (default: 1 on GPU, 16 for mixtral / 8 for qwen3 on CPU)")
+    p.add_argument("--ratios", default="0.25,1,4", help="compute/copy time ratios to run (copy-bound..compute-bound)")
+    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--slots", type=int, default=2)
+    p.add_argument("--prefetch-depth", type=int, default=1)
+    p.add_argument("--compute", choices=["auto", "matmul", "fused_moe"], default="auto")
+    p.add_argument("--threads", type=int, default=1, help="torch compute threads on CPU (the copy engine is one more)")
+    p.add_argument("--out", default="bench_results/stream", help="folder, or a .json file path")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="wall-clock budget; runs that would not fit get fewer passes or are skipped "
+                        "(default: 75 on GPU, for scripts/gpu_check.sh's 90 s timeout; none on CPU)")
+    args = p.parse_args(argv)
+
+    device = args.device
+    on_gpu = device.startswith("cuda")
+    if args.max_seconds is None:
+        args.max_seconds = 75.0 if on_gpu else 0.0
+    if not on_gpu:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    compute_kind = args.compute
+    if compute_kind == "auto":
+        compute_kind = "matmul"
+        try:  # use the real MoE kernel once it is merged in
+            x = torch.randn(2, 8, dtype=dtype, device=device)
+            moe_swap.fused_moe(x, torch.randn(2, 8, 8, dtype=dtype, device=device),
+                               torch.randn(2, 8, 4, dtype=dtype, device=device),
+                               torch.ones(2, 1, device=device), torch.zeros(2, 1, dtype=torch.int32, device=device))
+            compute_kind = "fused_moe"
+        except Exception:
+            pass
+    compute = compute_fn(compute_kind)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    out = Path(args.out)  # a folder, or a .json path (PNGs go beside it)
+    json_path = out if out.suffix == ".json" else out / f"bench_stream_{'gpu' if device.startswith('cuda') else 'cpu'}.json"
+    png_dir = json_path.parent
+    png_dir.mkdir(parents=True, exist_ok=True)
+    models = list(MODELS) if args.model == "both" else [args.model]
+
+    report = {"device": device, "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+              "torch": torch.__version__, "compute": compute_kind, "threads": None if on_gpu else args.threads,
+              "slots": args.slots, "prefetch_depth": args.prefetch_depth, "passes": args.passes, "models": {}}
+    peak_bytes = (1 << 30) if on_gpu else (256 << 20)
+    report["peak_copy_GBps"] = peak = peak_copy_rate(device, peak_bytes)
+    print(f"peak copy rate ({'pinned H2D, 1 GiB' if on_gpu else 'memcpy 256 MiB, 1 thread'}): {peak:.2f} GB/s")
+
+    budget = Budget(args.max_seconds if args.max_seconds > 0 else None)
+    runs_left = len(models) * len(MODES) * len(ratios)
+    for model in models:
+        H, I, E = MODELS[model]
+        scale = args.scale or (1 if on_gpu else (16 if model == "mixtral" else 8))
+        H, I = H // scale, I // scale
+        L = args.layers or 4
+        w13, w2 = make_layer(H, I, E, dtype)
+        layer_bytes = w13.nbytes + w2.nbytes
+        resident = (w13.to(device), w2.to(device))  # for the compute-only reference
+        print(f"\n== {model}: L={L} H={H} I={I} E={E} {dtype} ({layer_bytes / 2**20:.1f} MiB/layer, "
+              f"{L * layer_bytes / 2**30:.2f} GiB streamed per step), compute={compute_kind}")
+        rows = {ratio: {"ratio_target": ratio, "modes": {}} for ratio in ratios}
+        spans = {ratio: {} for ratio in ratios}
+        copy_s = None
+        for mode in ("sync", "full", "uva"):  # sync first: its copies alone are the copy reference
+            with WeightStreamer(device, slots=args.slots, prefetch_depth=args.prefetch_depth, mode=mode,
+                                trace=True) as s:
+                for _ in range(L):
+                    s.add_layer(w13, w2)
+                if copy_s is None:
+                    copy_s = copy_only_time(s, L, device)
+                    for ratio in ratios:
+                        row = rows[ratio]
+                        row["tokens"] = tokens = calibrate_tokens(resident, device, compute, dtype, ratio, copy_s / L)
+                        x = torch.randn(tokens, H, dtype=dtype, device=device)
+                        routing = make_routing(tokens, E, device)
+                        row["copy_s"] = copy_s
+                        row["copy_GBps"] = L * layer_bytes / copy_s / 1e9
+                        row["compute_s"] = time_fn(lambda: [compute(x, *resident, routing) for _ in range(L)], device)
+                        if not on_gpu:
+                            t = machine_parallel_time(L, layer_bytes, compute, x, resident, routing, device)
+                            row["machine_best_overlap_ratio"] = t / max(row["copy_s"], row["compute_s"])
+                for ratio in ratios:
+                    row = rows[ratio]
+                    x = torch.randn(row["tokens"], H, dtype=dtype, device=device)
+                    routing = make_routing(row["tokens"], E, device)
+                    runs_left -= 1
+                    passes = budget.passes_for(probe_pass_time(s, L, device, x, compute, routing), runs_left + 1,
+                                               args.passes)
+                    if passes < 1:
+                        row["modes"][mode] = {"skipped": "time budget: one pass would not fit"}
+                        print(f"  {mode} compute/copy {ratio:g}: skipped (time budget)")
+                        continue
+                    r = timed_passes(s, L, device, x, compute, routing, passes)
+                    r["passes"] = passes
+                    r["overlap_ratio"] = r["step_s"] / max(row["copy_s"], row["compute_s"])
+                    r["GBps"] = r["bytes_per_step"] / r["step_s"] / 1e9
+                    r["host_bytes"], r["device_bytes"] = s.host_bytes, s.device_bytes
+                    spans[ratio][mode] = r
+                    row["modes"][mode] = {k: v for k, v in r.items() if k != "spans"}
+        for ratio in ratios:
+            row = rows[ratio]
+            if "step_s" in row["modes"].get("sync", {}) and "step_s" in row["modes"].get("full", {}):
+                row["speedup_full_vs_sync"] = row["modes"]["sync"]["step_s"] / row["modes"]["full"]["step_s"]
+            png = png_dir / f"timeline_{model}_ratio{ratio:g}_{'gpu' if on_gpu else 'cpu'}.png"
+            plot_timeline(spans[ratio], png, f"{model} (H={H}, I={I}, E={E}, L={L}, {dtype}), compute/copy = "
+                          f"{row['compute_s'] / row['copy_s']:.2f}, {report['device_name']}")
+            row["timeline_png"] = str(png)
+        rows = [rows[r] for r in ratios]
+        report["models"][model] = {"H": H, "I": I, "E": E, "layers": L, "scale": scale, "layer_bytes": layer_bytes,
+                                   "rows": rows}
+        print(f"{'compute/copy':>12} {'tokens':>6} {'copy ms':>8} {'comp ms':>8} | "
+              + " | ".join(f"{m + ' step ms':>13} {'GB/s':>6} {'overlap':>7}" for m in MODES)
+              + " | full vs sync" + ("" if on_gpu else " | machine best overlap"))
+        for row in rows:
+            cells = []
+            for m in MODES:
+                r = row["modes"].get(m, {})
+                cells.append(f"{r['step_s'] * 1e3:>13.2f} {r['GBps']:>6.2f} {r['overlap_ratio']:>7.2f}" if "step_s" in r
+                             else f"{'skipped':>13} {'':>6} {'':>7}")
+            speedup = f"{row['speedup_full_vs_sync']:.2f}x" if "speedup_full_vs_sync" in row else "-"
+            print(f"{row['compute_s'] / row['copy_s']:>12.2f} {row['tokens']:>6} {row['copy_s'] * 1e3:>8.2f} "
+                  f"{row['compute_s'] * 1e3:>8.2f} | " + " | ".join(cells) + f" | {speedup}"
+                  + (f" | {row['machine_best_overlap_ratio']:.2f}" if "machine_best_overlap_ratio" in row else ""))
+        json_path.write_text(json.dumps(report, indent=1))  # after each model: a timeout keeps what finished
+        del resident
+
+    json_path.write_text(json.dumps(report, indent=1))
+    print(f"\nJSON: {json_path}\nPNG timelines: {png_dir}/timeline_*.png")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+// The CUDA backend of the weight streamer: pinned exact-size host memory (cudaHostAlloc), slots from
+// torch's caching allocator, copies on a dedicated non-blocking stream with per-slot "ready" and
+// "free" events. No host-device synchronisation anywhere in acquire/prefetch/release: timings are
+// CUDA events read lazily (cudaEventQuery) and in stats(); only drain() (destroy, synchronize,
+// re-sizing the ring) waits on the host.
+//
+// NOTE: written without a GPU to run on; every runtime call is checked so a first run says plainly
+// what went wrong.
+#include "streaming/backend.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+#include <deque>
+#include <unordered_map>
+#include <vector>
+
+namespace moe_swap::streaming {
+
+namespace {
+
+void free_pinned(void* data, size_t bytes) {
+  C10_CUDA_CHECK_WARN(cudaFreeHost(data));
+  host_bytes_freed(bytes);
+}
+
+// Pending timing spans beyond this many are not timed (counted in untimed_spans) rather than waited for.
+constexpr size_t kMaxTimingEvents = 4096;
+
+// "cuda" means the current device; and a clear error for a device that isn't there.
+c10::Device resolve_device(c10::Device device) {
+  TORCH_CHECK(device.is_cuda(), "the CUDA backend needs a CUDA device, got ", device.str());
+  int count = 0;
+  C10_CUDA_CHECK(cudaGetDeviceCount(&count));
+  if (!device.has_index()) device = c10::Device(c10::kCUDA, c10::cuda::current_device());
+  TORCH_CHECK(device.index() < count, "device ", device.str(), " does not exist: ", count, " CUDA device(s) visible");
+  return device;
+}
+
+class CudaBackend final : public StreamBackend {
+ public:
+  CudaBackend(c10::Device device, const BackendOptions& options)
+      : device_(resolve_device(device)), options_(options) {
+    c10::cuda::CUDAGuard guard(device_);
+    try {
+      // Its own stream, not one from torch's pool: pool streams are shared round-robin, and another
+      // user's work on it would delay our copies.
+      C10_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
+      ready_.assign(options.num_slots, nullptr);
+      free_.assign(options.num_slots, nullptr);
+      for (int i = 0; i < options.num_slots; ++i) {
+        C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready_[i], cudaEventDisableTiming));
+        C10_CUDA_CHECK(cudaEventCreateWithFlags(&free_[i], cudaEventDisableTiming));
+      }
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+      if (options.timing) {
+        C10_CUDA_CHECK(cudaEventCreate(&epoch_));
+        C10_CUDA_CHECK(cudaEventRecord(epoch_, copy_stream_));
+      }
+    } catch (...) {
+      destroy_handles();
+      throw;
+    }
+  }
+
+  ~CudaBackend() override {
+    c10::cuda::CUDAGuard guard(device_);
+    try {
+      drain();
+    } catch (const std::exception& e) {
+      TORCH_WARN("WeightStreamer (CUDA): error while draining copies at destruction: ", e.what());
+    }
+    destroy_handles();
+  }
+
+  c10::Device device() const override { return device_; }
+
+  std::shared_ptr<HostBlock> allocate_host(size_t bytes) override {
+    c10::cuda::CUDAGuard guard(device_);
+    void* data = nullptr;
+    // Exactly `bytes` (torch's caching host allocator would round up to a power of two), mapped so
+    // the uva baseline can hand kernels a device pointer to it, portable across devices.
+    const cudaError_t err = cudaHostAlloc(&data, bytes, cudaHostAllocPortable | cudaHostAllocMapped);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: clear it so later launches don't report it
+      TORCH_CHECK(false, "HostStore: could not allocate ", bytes, " bytes of pinned host memory (",
+                  cudaGetErrorString(err), "; MemAvailable: ", host_memory_available(), " bytes)");
+    }
+    host_bytes_allocated(bytes);
+    return std::make_shared<HostBlock>(static_cast<uint8_t*>(data), bytes, &free_pinned);
+  }
+
+  at::Tensor allocate_slot(size_t bytes) override {
+    c10::cuda::CUDAGuard guard(device_);
+    return at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(device_));
+  }
+
+  void issue_copy(const CopyPlan& plan) override {
+    c10::cuda::CUDAGuard guard(device_);
+    TORCH_CHECK(!plan.inject_fault, "copy of layer ", plan.layer, " into slot ", plan.slot,
+                " failed: injected copy fault (test_fail_copy_at)");
+    cudaStream_t compute = current_stream();
+    // Fork the copy stream from the current stream (and from the slot's last reader): ordered after
+    // the compute that read the slot, and joined to the current stream so a CUDA graph capture can
+    // follow it. In the steady state the slot's "free" event is already the later of the two.
+    C10_CUDA_CHECK(cudaEventRecord(fork_, compute));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, fork_, 0));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, free_[plan.slot], 0));
+    cudaEvent_t start = options_.trace ? record_timing_event(copy_stream_) : nullptr;
+    for (const CopyChunk& c : plan.chunks) {
+      C10_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyHostToDevice, copy_stream_));
+    }
+    C10_CUDA_CHECK(cudaEventRecord(ready_[plan.slot], copy_stream_));
+    if (start != nullptr) end_span(plan.layer, plan.slot, 1u << int(SpanKind::kCopy), start, copy_stream_);
+  }
+
+  void wait_ready(int slot, int64_t layer) override {
+    c10::cuda::CUDAGuard guard(device_);
+    cudaStream_t compute = current_stream();
+    cudaEvent_t before = options_.timing ? record_timing_event(compute) : nullptr;
+    C10_CUDA_CHECK(cudaStreamWaitEvent(compute, ready_[slot], 0));
+    if (before != nullptr) end_span(layer, slot, 1u << int(SpanKind::kWait), before, compute);
+    begin_hold(layer);
+  }
+
+  void copy_on_current_stream(const CopyPlan& plan) override {
+    c10::cuda::CUDAGuard guard(device_);
+    cudaStream_t compute = current_stream();
+    cudaEvent_t start = options_.timing ? record_timing_event(compute) : nullptr;
+    for (const CopyChunk& c : plan.chunks) {
+      C10_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyHostToDevice, compute));
+    }
+    // The compute stream itself did the copy: that time is both a copy span and a wait.
+    if (start != nullptr) {
+      end_span(plan.layer, plan.slot, (1u << int(SpanKind::kCopy)) | (1u << int(SpanKind::kWait)), start, compute);
+    }
+    begin_hold(plan.layer);
+  }
+
+  void begin_hold(int64_t layer) override {
+    if (!options_.trace) return;
+    c10::cuda::CUDAGuard guard(device_);
+    cudaEvent_t start = record_timing_event(current_stream());
+    if (start != nullptr) hold_start_[layer] = start;
+  }
+
+  void record_free(int slot, int64_t layer) override {
+    c10::cuda::CUDAGuard guard(device_);
+    cudaStream_t compute = current_stream();
+    if (slot >= 0) C10_CUDA_CHECK(cudaEventRecord(free_[slot], compute));
+    auto it = hold_start_.find(layer);
+    if (it != hold_start_.end()) {
+      end_span(layer, slot, 1u << int(SpanKind::kHold), it->second, compute);
+      hold_start_.erase(it);
+    }
+  }
+
+  void drain() override {
+    c10::cuda::CUDAGuard guard(device_);
+    if (copy_stream_ != nullptr) C10_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));
+    for (cudaEvent_t ev : free_) {
+      if (ev != nullptr) C10_CUDA_CHECK(cudaEventSynchronize(ev));
+    }
+  }
+
+  void collect(std::vector<Span>& out, bool block) override {
+    c10::cuda::CUDAGuard guard(device_);
+    std::deque<Pending> still_pending;
+    for (const Pending& p : pending_) {
+      if (block) {
+        C10_CUDA_CHECK(cudaEventSynchronize(p.end));
+      } else {
+        const cudaError_t err = cudaEventQuery(p.end);
+        if (err == cudaErrorNotReady) {
+          (void)cudaGetLastError();  // "not ready" is an answer, not an error: don't leave it behind
+          still_pending.push_back(p);
+          continue;
+        }
+        C10_CUDA_CHECK(err);
+      }
+      float start_ms = 0.f, end_ms = 0.f;
+      C10_CUDA_CHECK(cudaEventElapsedTime(&start_ms, epoch_, p.start));
+      C10_CUDA_CHECK(cudaEventElapsedTime(&end_ms, epoch_, p.end));
+      for (int kind = 0; kind < 3; ++kind) {
+        if (p.kinds & (1u << kind)) {
+          out.push_back(Span{p.layer, p.slot, static_cast<SpanKind>(kind), start_ms * 1e3, end_ms * 1e3});
+        }
+      }
+      spare_events_.push_back(p.start);
+      spare_events_.push_back(p.end);
+    }
+    pending_.swap(still_pending);
+  }
+
+  int64_t untimed_spans() const override { return untimed_; }
+
+  at::Tensor uva_view(const std::shared_ptr<HostBlock>& block, at::IntArrayRef sizes, at::ScalarType dtype) override {
+    c10::cuda::CUDAGuard guard(device_);
+    void* device_ptr = nullptr;
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(&device_ptr, block->data, 0));
+    auto keep = block;  // the host memory lives as long as any view of it
+    // target_device given: from_blob need not ask the driver which device the pointer belongs to.
+    return at::from_blob(device_ptr, sizes, [keep](void*) {}, at::TensorOptions().dtype(dtype).device(device_),
+                         device_);
+  }
+
+ private:
+  struct Pending {
+    int64_t layer;
+    int64_t slot;
+    unsigned kinds;  // bit per SpanKind
+    cudaEvent_t start;
+    cudaEvent_t end;
+  };
+
+  cudaStream_t current_stream() const { return at::cuda::getCurrentCUDAStream(device_.index()).stream(); }
+
+  // A timing event recorded on `stream`, or nullptr when too many are pending (that span goes untimed).
+  cudaEvent_t record_timing_event(cudaStream_t stream) {
+    cudaEvent_t ev = nullptr;
+    if (!spare_events_.empty()) {
+      ev = spare_events_.back();
+      spare_events_.pop_back();
+    } else if (events_created_ < kMaxTimingEvents) {
+      C10_CUDA_CHECK(cudaEventCreate(&ev));
+      ++events_created_;
+    } else {
+      ++untimed_;
+      return nullptr;
+    }
+    C10_CUDA_CHECK(cudaEventRecord(ev, stream));
+    return ev;
+  }
+
+  void end_span(int64_t layer, int64_t slot, unsigned kinds, cudaEvent_t start, cudaStream_t stream) {
+    cudaEvent_t end = record_timing_event(stream);
+    if (end == nullptr) {
+      spare_events_.push_back(start);
+      return;
+    }
+    pending_.push_back(Pending{layer, slot, kinds, start, end});
+  }
+
+  void destroy_handles() {
+    for (const Pending& p : pending_) {
+      C10_CUDA_CHECK_WARN(cudaEventDestroy(p.start));
+      C10_CUDA_CHECK_WARN(cudaEventDestroy(p.end));
+    }
+    pending_.clear();
+    for (auto& kv : hold_start_) C10_CUDA_CHECK_WARN(cudaEventDestroy(kv.second));
+    hold_start_.clear();
+    for (cudaEvent_t ev : spare_events_) C10_CUDA_CHECK_WARN(cudaEventDestroy(ev));
+    spare_events_.clear();
+    for (std::vector<cudaEvent_t>* list : {&ready_, &free_}) {
+      for (cudaEvent_t ev : *list) {
+        if (ev != nullptr) C10_CUDA_CHECK_WARN(cudaEventDestroy(ev));
+      }
+      list->clear();
+    }
+    if (fork_ != nullptr) C10_CUDA_CHECK_WARN(cudaEventDestroy(fork_));
+    if (epoch_ != nullptr) C10_CUDA_CHECK_WARN(cudaEventDestroy(epoch_));
+    if (copy_stream_ != nullptr) C10_CUDA_CHECK_WARN(cudaStreamDestroy(copy_stream_));
+    fork_ = epoch_ = nullptr;
+    copy_stream_ = nullptr;
+  }
+
+  const c10::Device device_;
+  const BackendOptions options_;
+  cudaStream_t copy_stream_ = nullptr;
+  std::vector<cudaEvent_t> ready_;  // per slot: its last copy has landed
+  std::vector<cudaEvent_t> free_;   // per slot: the compute that read it has finished
+  cudaEvent_t fork_ = nullptr;
+  cudaEvent_t epoch_ = nullptr;     // time zero of every span
+  std::deque<Pending> pending_;
+  std::vector<cudaEvent_t> spare_events_;
+  std::unordered_map<int64_t, cudaEvent_t> hold_start_;
+  size_t events_created_ = 0;
+  int64_t untimed_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<StreamBackend> make_cuda_backend(c10::Device device, const BackendOptions& options) {
+  return std::make_unique<CudaBackend>(device, options);
+}
+
+}  // namespace moe_swap::streaming

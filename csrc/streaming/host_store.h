@@ -1,0 +1,64 @@
+// HostStore: every streamed layer's expert weights in exact-size host memory (pinned on CUDA),
+// two blocks per layer: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]. Two blocks, not
+// one, so the two views a uva acquire returns never share a storage (custom ops' outputs must not
+// alias one another).
+#pragma once
+
+#include "streaming/backend.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace moe_swap::streaming {
+
+// Shape and packing of one streamed layer.
+struct LayerLayout {
+  int64_t num_experts;    // E
+  int64_t intermediate;   // I (w13 has 2I rows)
+  int64_t hidden;         // H
+  at::ScalarType dtype;
+  size_t w13_bytes;       // E*2I*H*itemsize
+  size_t w2_bytes;        // E*H*I*itemsize
+  size_t bytes(int64_t which) const { return which == 0 ? w13_bytes : w2_bytes; }
+  size_t host_bytes() const { return w13_bytes + w2_bytes; }
+  std::vector<int64_t> w13_shape() const { return {num_experts, 2 * intermediate, hidden}; }
+  std::vector<int64_t> w2_shape() const { return {num_experts, hidden, intermediate}; }
+};
+
+class HostStore {
+ public:
+  // Checks the shapes (names the argument and values on error), allocates the layer's exact bytes.
+  int64_t reserve(StreamBackend& backend, at::IntArrayRef w13_shape, at::IntArrayRef w2_shape,
+                  at::ScalarType dtype);
+  // Copy `src` into layer `layer`'s `which` tensor (0: w13, 1: w2) at
+  // [expert_start : expert_start + n, row_offset : row_offset + rows, :], where src is
+  // [n, rows, cols] or [rows, cols] (n = 1). Same dtype; any strides; any device.
+  void write(int64_t layer, int64_t which, int64_t expert_start, int64_t row_offset, const at::Tensor& src);
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  const LayerLayout& layout(int64_t layer) const { return layers_[layer].layout; }
+  // which: 0 w13, 1 w2
+  const std::shared_ptr<HostBlock>& block(int64_t layer, int64_t which) const { return layers_[layer].blocks[which]; }
+  // Bytes written into the layer so far (a layer is used only once it has all its bytes).
+  size_t bytes_written(int64_t layer) const { return layers_[layer].bytes_written; }
+  size_t host_bytes() const { return host_bytes_; }
+  // The largest w13 / w2 of any layer: what a scratch-ring slot must hold.
+  size_t max_bytes(int64_t which) const { return max_bytes_[which]; }
+  // CPU tensors aliasing the host block (valid while the store lives).
+  at::Tensor host_view(int64_t layer, int64_t which) const;
+
+ private:
+  struct Entry {
+    LayerLayout layout;
+    std::shared_ptr<HostBlock> blocks[2];
+    size_t bytes_written = 0;
+  };
+  std::vector<Entry> layers_;
+  size_t host_bytes_ = 0;
+  size_t max_bytes_[2] = {0, 0};
+};
+
+}  // namespace moe_swap::streaming

@@ -1,0 +1,129 @@
+// The weight streamer: HostStore (every streamed layer's experts in exact-size host memory) +
+// ScratchRing (N device slots with "ready"/"free" events, copies on a dedicated copy engine) +
+// the schedule (acquire / prefetch / release, wrapping around to the next forward pass).
+//
+// Entry points below are the torch ops `moe_swap::streamer_*` (schemas in torch_bindings.cpp).
+//
+// State across calls: integer handles into a registry of shared_ptr<Streamer>, not a torch custom
+// class. An int is a constant to torch.compile, so every op traces with a plain fake kernel (a
+// script object would need register_fake_class and a fake twin of the whole schedule). Lifetime is
+// still safe: each op looks its handle up under a lock and holds a shared_ptr for the call, handles
+// are never reused, an unknown or destroyed handle is a clear error, and the destructor waits for
+// every in-flight copy before memory goes.
+#pragma once
+
+#include "streaming/backend.h"
+#include "streaming/host_store.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace moe_swap::streaming {
+
+enum class Mode {
+  kFull,  // the design: copy engine + ring + prefetch, copies overlap compute
+  kSync,  // baseline: vLLM's legacy cpu_offload_gb (copy on the compute stream, then compute)
+  kUva,   // baseline: vLLM's uva offload (kernels read mapped pinned host memory, no copy)
+};
+
+// Per-layer statistics (one row of streamer_stats' table, in this column order).
+struct LayerStats {
+  int64_t bytes_copied = 0;
+  int64_t copies_issued = 0;    // whole-layer copies
+  int64_t chunks_issued = 0;    // memcpy calls (per expert, or per run of small experts)
+  int64_t acquires = 0;
+  int64_t hits = 0;             // acquires that found the layer resident or already copying
+  int64_t demand_copies = 0;    // acquires that had to start the copy themselves
+  int64_t wait_ns = 0;          // time the compute stream waited on this layer's copies
+  int64_t waits_timed = 0;
+};
+constexpr int kLayerStatsColumns = 8;
+
+class Streamer {
+ public:
+  Streamer(c10::Device device, int64_t slots, int64_t prefetch_depth, Mode mode, bool trace, bool timing,
+           int64_t test_copy_delay_us, int64_t test_fail_copy_at);
+  ~Streamer();  // waits for in-flight copies and pending "free" events, then frees
+
+  int64_t reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_shape, at::ScalarType dtype);
+  void write(int64_t layer, int64_t which, int64_t expert_start, int64_t row_offset, const at::Tensor& src);
+  std::tuple<at::Tensor, at::Tensor> host_copy(int64_t layer);
+  std::tuple<at::Tensor, at::Tensor> acquire(int64_t layer);
+  void prefetch(int64_t layer);
+  void release(int64_t layer);
+  void synchronize();
+  // per-layer [L, kLayerStatsColumns] int64; trace [n, 5] float64 (layer, slot, kind, start_us, end_us)
+  std::tuple<at::Tensor, at::Tensor> stats();
+  // [num_layers, host_bytes, device_bytes, slot_bytes, slots, prefetch_depth, untimed_spans]
+  std::vector<int64_t> info();
+
+ private:
+  struct Slot {
+    int64_t layer = -1;      // the layer it holds or is receiving; -1 empty
+    bool held = false;       // acquired and not yet released
+    std::string issue_error; // a prefetch copy that could not be issued; raised at acquire
+  };
+
+  void check_layer(const char* op, int64_t layer) const;
+  void ensure_slots();
+  bool slots_fit() const;
+  bool try_fit_slots();
+  int find_slot(int64_t layer) const;
+  int64_t distance(int64_t from, int64_t to) const;
+  int pick_victim(int64_t cursor, int64_t limit) const;
+  CopyPlan plan_copy(int64_t layer, int slot);
+  void issue_into(int slot, int64_t layer, bool demand);
+  void prefetch_window();
+  std::tuple<at::Tensor, at::Tensor> slot_views(int slot, int64_t layer);
+  void collect_spans(bool block);
+
+  std::mutex mu_;
+  const Mode mode_;
+  const int64_t num_slots_;
+  const int64_t prefetch_depth_;
+  const bool trace_;
+  const int64_t test_fail_copy_at_;
+  std::unique_ptr<StreamBackend> backend_;
+  HostStore store_;
+  // ScratchRing
+  // Per slot a w13 area and a w2 area (separate allocations, so acquire's two outputs never share a
+  // storage), sized for the largest layer; allocated at the first acquire/prefetch, re-sized if a
+  // larger layer is added later.
+  std::vector<std::array<at::Tensor, 2>> slot_memory_;
+  size_t slot_area_bytes_[2] = {0, 0};
+  size_t slot_bytes() const { return slot_area_bytes_[0] + slot_area_bytes_[1]; }
+  std::vector<Slot> slots_;
+  std::vector<int> held_slot_;  // per layer: the slot it holds while acquired, or -1 (uva: 0 when held)
+  int64_t cursor_ = -1;         // the last acquired layer: prefetch looks ahead from here
+  int64_t copies_issued_total_ = 0;
+  // statistics
+  std::vector<LayerStats> layer_stats_;
+  std::vector<Span> trace_spans_;
+};
+
+// ---- torch op entry points (schemas in csrc/torch_bindings.cpp) ----
+int64_t streamer_create(c10::string_view device, int64_t slots, int64_t prefetch_depth, c10::string_view mode,
+                        bool trace, bool timing, int64_t test_copy_delay_us, int64_t test_fail_copy_at);
+void streamer_destroy(int64_t handle);
+int64_t streamer_reserve_layer(int64_t handle, at::IntArrayRef w13_shape, at::IntArrayRef w2_shape,
+                               at::ScalarType dtype);
+void streamer_write(int64_t handle, int64_t layer, int64_t which, int64_t expert_start, int64_t row_offset,
+                    const at::Tensor& src);
+int64_t streamer_add_layer(int64_t handle, const at::Tensor& w13, const at::Tensor& w2);
+std::tuple<at::Tensor, at::Tensor> streamer_host_copy(int64_t handle, int64_t layer);
+std::tuple<at::Tensor, at::Tensor> streamer_acquire(int64_t handle, int64_t layer, at::TensorList after);
+void streamer_prefetch(int64_t handle, int64_t layer);
+void streamer_release(int64_t handle, int64_t layer, at::TensorList after);
+void streamer_synchronize(int64_t handle);
+std::tuple<at::Tensor, at::Tensor> streamer_stats(int64_t handle);
+std::vector<int64_t> streamer_info(int64_t handle);
+// [live streamers, live host-store bytes, live host-store blocks] across the process (leak tests)
+std::vector<int64_t> streamer_live_counts();
+
+}  // namespace moe_swap::streaming

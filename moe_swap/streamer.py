@@ -1,0 +1,409 @@
+"""The weight streamer's Python face: ``moe_swap.WeightStreamer``.
+
+Streamed layers' experts live in a HostStore (exact-size host memory, pinned on CUDA) and are copied
+into a ScratchRing of ``slots`` device buffers on a dedicated copy engine, ``prefetch_depth`` layers
+ahead of compute, wrapping around to the next forward pass. The C++ side (``csrc/streaming``) owns
+all of it; this module adds the typed API, safetensors loading and the fake kernels that let
+``acquire``/``release`` trace under ``torch.compile(fullgraph=True)``.
+
+Modes (one object, so benchmarks compare them side by side):
+  ``"full"`` — the design: copy engine + ring + prefetch; copies overlap compute.
+  ``"sync"`` — BASELINE, vLLM's legacy ``cpu_offload_gb``: each acquire copies the layer on the
+      compute stream, then compute runs; no overlap.
+  ``"uva"``  — BASELINE, vLLM's ``uva`` offload: acquire returns device views of mapped pinned host
+      memory; kernels read over PCIe on every access; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["WeightStreamer"]
+
+# Per streamer handle: [(w13_shape, w2_shape, dtype, device)] per layer, for the fake kernels.
+_LAYER_META: dict[int, list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]]] = {}
+
+_STATS_COLUMNS = ("bytes_copied", "copies_issued", "chunks_issued", "acquires", "hits", "demand_copies",
+                  "wait_ns", "waits_timed")
+_SPAN_KINDS = ("copy", "wait", "hold")
+
+
+@torch.library.register_fake("moe_swap::streamer_acquire")
+def _acquire_fake(handle, layer, after):
+    w13_shape, w2_shape, dtype, device = _LAYER_META[handle][layer]
+    return torch.empty(w13_shape, dtype=dtype, device=device), torch.empty(w2_shape, dtype=dtype, device=device)
+
+
+@torch.library.register_fake("moe_swap::streamer_host_copy")
+def _host_copy_fake(handle, layer):
+    w13_shape, w2_shape, dtype, _ = _LAYER_META[handle][layer]
+    return torch.empty(w13_shape, dtype=dtype), torch.empty(w2_shape, dtype=dtype)
+
+
+@torch.library.register_fake("moe_swap::streamer_release")
+def _release_fake(handle, layer, after):
+    return None
+
+
+@torch.library.register_fake("moe_swap::streamer_prefetch")
+def _prefetch_fake(handle, layer):
+    return None
+
+
+# acquire/prefetch/release act on the streamer, not only on their outputs: the graph must keep them
+# (no dead-code elimination) even when a result is unused.
+for _op in (torch.ops.moe_swap.streamer_acquire.default, torch.ops.moe_swap.streamer_prefetch.default,
+            torch.ops.moe_swap.streamer_release.default):
+    torch.fx.node.has_side_effect(_op)
+
+
+class WeightStreamer:
+    """Streams MoE layers' expert weights from host memory into a ring of device slots.
+
+    Args:
+        device: ``"cuda"``/``"cuda:N"`` or ``"cpu"`` (the CPU backend: ordinary memory for the slots
+            and a worker thread as the copy engine; same semantics, runs without a GPU).
+        slots: ring size N (each slot holds the largest added layer).
+        prefetch_depth: how many layers ahead of the one being computed are copied, in ``[0, N-1]``
+            (``full`` mode).
+        mode: ``"full"`` (the design), ``"sync"`` or ``"uva"`` (baselines, see the module doc).
+        trace: record copy / wait / hold spans per layer (``stats()["trace"]``), for timelines.
+        timing: time the compute stream's waits on copies (CUDA events, read lazily in ``stats()``).
+            Turn off to capture the forward in a CUDA graph.
+        test_copy_delay_us: FOR TESTS, CPU backend only: a random delay in ``[0, this]`` microseconds
+            before each copied chunk.
+        test_fail_copy_at: FOR TESTS: the copy with this index (0-based, counting every layer copy)
+            fails; the error surfaces at the acquire of that layer.
+
+    Use: ``i = s.add_layer(w13, w2)`` for each layer, then per forward and layer
+    ``w13, w2 = s.acquire(i)`` ... compute ... ``s.release(i)``. The views are valid until release.
+
+    Inside ``torch.compile``: the ops trace with fake kernels (the handle and layer are constants);
+    pass ``after=[input]`` to acquire and ``after=[output]`` to release so the graph orders them around
+    the compute. acquire/prefetch/release never synchronise the host with the device. CUDA-graph
+    capture of a forward is the aim but has not been tried: create the streamer with
+    ``timing=False`` (no event queries), and the wrap-around prefetch of the next pass's first layer
+    leaves the copy stream forked at the end of the forward.
+    """
+
+    def __init__(self, device: Union[str, torch.device] = "cuda", slots: int = 2, prefetch_depth: int = 1,
+                 mode: str = "full", *, trace: bool = False, timing: bool = True, test_copy_delay_us: int = 0,
+                 test_fail_copy_at: int = -1) -> None:
+        self._handle: Optional[int] = None
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device={str(device)!r}: no CUDA GPU is available here; use device='cpu'")
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.type != "cpu":
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {str(device)!r}")
+        if mode not in ("full", "sync", "uva"):
+            raise ValueError(f"mode must be 'full', 'sync' or 'uva', got {mode!r}")
+        self.device = dev
+        self.mode = mode
+        self.slots = int(slots)
+        self.prefetch_depth = int(prefetch_depth)
+        self._handle = torch.ops.moe_swap.streamer_create(
+            str(dev), self.slots, self.prefetch_depth, mode, bool(trace), bool(timing), int(test_copy_delay_us),
+            int(test_fail_copy_at))
+        _LAYER_META[self._handle] = []
+
+    # ---- lifetime ----
+    def close(self) -> None:
+        """Wait for in-flight copies and free the host store and the slots. Idempotent."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            _LAYER_META.pop(handle, None)
+            torch.ops.moe_swap.streamer_destroy(handle)
+
+    def __enter__(self) -> "WeightStreamer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may already be gone
+            pass
+
+    @property
+    def handle(self) -> int:
+        """The integer naming this streamer in the ``torch.ops.moe_swap.streamer_*`` ops."""
+        if self._handle is None:
+            raise RuntimeError("this WeightStreamer is closed")
+        return self._handle
+
+    # ---- filling the host store ----
+    def reserve_layer(self, w13_shape: Sequence[int], w2_shape: Sequence[int], dtype: torch.dtype) -> int:
+        """Allocate a layer's exact-size host storage (``w13 [E, 2I, H]``, ``w2 [E, H, I]``); fill it
+        with :meth:`write`. Returns the layer index."""
+        layer = torch.ops.moe_swap.streamer_reserve_layer(self.handle, list(w13_shape), list(w2_shape), dtype)
+        _LAYER_META[self.handle].append((tuple(int(d) for d in w13_shape), tuple(int(d) for d in w2_shape),
+                                         dtype, self.device))
+        return layer
+
+    def write(self, layer: int, which: str, src: Tensor, expert: int = 0, row: int = 0) -> None:
+        """Copy ``src`` (``[rows, cols]`` or ``[n, rows, cols]``, the layer's dtype, any strides or
+        device) into ``which`` (``"w13"`` or ``"w2"``) at experts ``[expert, expert+n)``, rows
+        ``[row, row+rows)``."""
+        if which not in ("w13", "w2"):
+            raise ValueError(f"which must be 'w13' or 'w2', got {which!r}")
+        torch.ops.moe_swap.streamer_write(self.handle, layer, 0 if which == "w13" else 1, expert, row, src)
+
+    def add_layer(self, w13: Tensor, w2: Tensor) -> int:
+        """Copy one layer (``w13 [E, 2I, H]`` gate rows then up rows, ``w2 [E, H, I]``) into the host
+        store; returns its index. The caller's tensors may be freed afterwards."""
+        if not isinstance(w13, Tensor) or not isinstance(w2, Tensor):
+            raise TypeError(f"w13 and w2 must be tensors, got {type(w13).__name__} and {type(w2).__name__}")
+        if w13.dim() != 3 or w2.dim() != 3:
+            raise ValueError(f"w13 must be [E, 2I, H] and w2 [E, H, I], got shapes {tuple(w13.shape)} and "
+                             f"{tuple(w2.shape)}")
+        layer = self.reserve_layer(w13.shape, w2.shape, w13.dtype)
+        self.write(layer, "w13", w13)
+        self.write(layer, "w2", w2)
+        return layer
+
+    def load_safetensors(self, files: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]],
+                         layers: Sequence[dict], progress: Optional[bool] = None) -> list[int]:
+        """Add layers from safetensors file(s), one tensor at a time through a memory map.
+
+        Each entry of ``layers`` names the tensors of one layer, either fused
+        (``{"w13": name [E,2I,H], "w2": name [E,H,I]}``) or per expert
+        (``{"gate": "...experts.{e}.gate_proj.weight", "up": ..., "down": ..., "num_experts": E}``
+        with gate/up ``[I, H]`` and down ``[H, I]``). Each tensor is copied straight from the mapped
+        file into the host store and its pages are dropped before the next, so resident memory stays
+        near the host store's size plus one tensor. ``progress``: a tqdm bar over the bytes (default:
+        when more than 1 GiB is loaded and tqdm is installed). Returns the new layers' indices.
+        """
+        reader = _SafetensorsReader(files)
+        try:
+            plans = [self._plan_layer(reader, spec, i) for i, spec in enumerate(layers)]
+            total = sum(reader.nbytes(name) for plan in plans for _, _, _, _, name in plan[2])
+            bar = _progress_bar(total, progress)
+            indices = []
+            for w13_shape, w2_shape, parts, dtype in plans:
+                layer = self.reserve_layer(w13_shape, w2_shape, dtype)
+                for which, expert, row, _, name in parts:
+                    reader.copy_out(name, lambda t: self.write(layer, which, t, expert=expert, row=row))
+                    if bar is not None:
+                        bar.update(reader.nbytes(name))
+                indices.append(layer)
+            if bar is not None:
+                bar.close()
+            return indices
+        finally:
+            reader.close()
+
+    @staticmethod
+    def _plan_layer(reader: "_SafetensorsReader", spec: dict, index: int):
+        # -> (w13_shape, w2_shape, [(which, expert, row, shape, name)], dtype)
+        if "w13" in spec:
+            w13, w2 = spec["w13"], spec["w2"]
+            s13, s2 = reader.shape(w13), reader.shape(w2)
+            dtype = reader.dtype(w13)
+            if reader.dtype(w2) != dtype:
+                raise ValueError(f"layers[{index}]: {w13} is {dtype} but {w2} is {reader.dtype(w2)}")
+            return s13, s2, [("w13", 0, 0, s13, w13), ("w2", 0, 0, s2, w2)], dtype
+        try:
+            num_experts = int(spec["num_experts"])
+            gate, up, down = spec["gate"], spec["up"], spec["down"]
+        except KeyError as e:
+            raise ValueError(f"layers[{index}] must have 'w13' and 'w2', or 'gate', 'up', 'down' and "
+                             f"'num_experts'; missing {e}") from None
+        g0 = reader.shape(gate.format(e=0))
+        d0 = reader.shape(down.format(e=0))
+        if len(g0) != 2 or len(d0) != 2:
+            raise ValueError(f"layers[{index}]: gate must be [I, H] and down [H, I], got {g0} and {d0}")
+        inter, hidden = g0
+        dtype = reader.dtype(gate.format(e=0))
+        parts = []
+        for e in range(num_experts):
+            for which, row, name, want in (("w13", 0, gate.format(e=e), (inter, hidden)),
+                                           ("w13", inter, up.format(e=e), (inter, hidden)),
+                                           ("w2", 0, down.format(e=e), (hidden, inter))):
+                if reader.shape(name) != want:
+                    raise ValueError(f"layers[{index}]: {name} must have shape {want}, got {reader.shape(name)}")
+                if reader.dtype(name) != dtype:
+                    raise ValueError(f"layers[{index}]: {name} is {reader.dtype(name)}, expected {dtype}")
+                parts.append((which, e, row, want, name))
+        return (num_experts, 2 * inter, hidden), (num_experts, hidden, inter), parts, dtype
+
+    # ---- the schedule ----
+    def acquire(self, layer: int, after: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor]:
+        """Views ``(w13 [E, 2I, H], w2 [E, H, I])`` of the layer, valid until :meth:`release`.
+
+        The current stream waits for the layer's copy (issued now if it was never prefetched); the
+        next layers' prefetch is issued. ``after``: tensors this call must come after in a compiled
+        graph (e.g. the layer's input hidden states)."""
+        return torch.ops.moe_swap.streamer_acquire(self.handle, layer, list(after))
+
+    def prefetch(self, layer: int) -> None:
+        """Start copying ``layer`` into a free slot if there is one (a hint; ``full`` mode only)."""
+        torch.ops.moe_swap.streamer_prefetch(self.handle, layer)
+
+    def release(self, layer: int, after: Sequence[Tensor] = ()) -> None:
+        """The layer's slot is free once the work queued so far on the current stream finishes.
+        ``after``: the tensors computed from the views (orders the release after them in a
+        compiled graph)."""
+        torch.ops.moe_swap.streamer_release(self.handle, layer, list(after))
+
+    def synchronize(self) -> None:
+        """Host waits for every copy in flight (tests, benchmarks; never needed in a forward)."""
+        torch.ops.moe_swap.streamer_synchronize(self.handle)
+
+    def host_tensors(self, layer: int) -> tuple[Tensor, Tensor]:
+        """CPU copies of the layer's weights as held in the host store."""
+        return torch.ops.moe_swap.streamer_host_copy(self.handle, layer)
+
+    # ---- numbers ----
+    def _info(self) -> list[int]:
+        return torch.ops.moe_swap.streamer_info(self.handle)
+
+    @property
+    def num_layers(self) -> int:
+        return self._info()[0]
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes held in the host store (exactly the layers' weights, no rounding)."""
+        return self._info()[1]
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the scratch ring (``slots * slot_bytes``; allocated at the first acquire or
+        prefetch, 0 before and in ``uva`` mode)."""
+        return self._info()[2]
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._info()[3]
+
+    def stats(self) -> dict:
+        """Statistics: totals, per layer (bytes copied, copies and chunks issued, acquires, hits,
+        demand copies, compute-stream wait time), and with ``trace=True`` the copy/wait/hold spans."""
+        table, trace = torch.ops.moe_swap.streamer_stats(self.handle)
+        info = self._info()
+        layers = []
+        for row in table.tolist():
+            entry = dict(zip(_STATS_COLUMNS, row))
+            entry["wait_ms"] = entry.pop("wait_ns") / 1e6
+            layers.append(entry)
+        out = {
+            "mode": self.mode, "device": str(self.device), "slots": info[4], "prefetch_depth": info[5],
+            "host_bytes": info[1], "device_bytes": info[2], "slot_bytes": info[3],
+            "bytes_copied": sum(l["bytes_copied"] for l in layers),
+            "copies_issued": sum(l["copies_issued"] for l in layers),
+            "wait_ms": sum(l["wait_ms"] for l in layers),
+            "untimed_spans": info[6],
+            "layers": layers,
+        }
+        out["trace"] = [{"layer": int(r[0]), "slot": int(r[1]), "kind": _SPAN_KINDS[int(r[2])], "start_us": r[3],
+                         "end_us": r[4]} for r in trace.tolist()]
+        return out
+
+    def __repr__(self) -> str:
+        if self._handle is None:
+            return "WeightStreamer(closed)"
+        return (f"WeightStreamer(device={str(self.device)!r}, slots={self.slots}, prefetch_depth={self.prefetch_depth}, "
+                f"mode={self.mode!r}, layers={self.num_layers}, host_bytes={self.host_bytes})")
+
+
+def live_counts() -> dict:
+    """Process-wide: live streamers, live host-store bytes and blocks (for leak checks)."""
+    streamers, host_bytes, host_blocks = torch.ops.moe_swap.streamer_live_counts()
+    return {"streamers": streamers, "host_bytes": host_bytes, "host_blocks": host_blocks}
+
+
+# ---- safetensors through a memory map ----
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _SafetensorsReader:
+    """Reads safetensors files (header: u64 length + JSON; then the data) through a private memory
+    map, handing out one zero-copy tensor at a time and dropping its pages after use."""
+
+    def __init__(self, files) -> None:
+        if isinstance(files, (str, os.PathLike)):
+            files = [files]
+        self._maps: list[tuple[object, mmap.mmap, int]] = []
+        self._index: dict[str, tuple[int, dict]] = {}
+        try:
+            for path in files:
+                path = Path(path)
+                with open(path, "rb") as f:
+                    (header_len,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(header_len))
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._maps.append((path, mm, 8 + header_len))
+                for name, meta in header.items():
+                    if name != "__metadata__":
+                        self._index[name] = (len(self._maps) - 1, meta)
+        except Exception:
+            self.close()
+            raise
+
+    def _meta(self, name: str) -> tuple[int, dict]:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in the safetensors file(s) "
+                           f"{[str(p) for p, _, _ in self._maps]}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._meta(name)[1]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._meta(name)[1]["dtype"]
+        if code not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r} has safetensors dtype {code}, not supported")
+        return _ST_DTYPES[code]
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self._meta(name)[1]["data_offsets"]
+        return end - begin
+
+    def copy_out(self, name: str, consume) -> None:
+        file_index, meta = self._meta(name)
+        _, mm, data_start = self._maps[file_index]
+        begin, end = meta["data_offsets"]
+        dtype = self.dtype(name)
+        count = (end - begin) // dtype.itemsize
+        tensor = torch.frombuffer(mm, dtype=dtype, count=count, offset=data_start + begin).view(self.shape(name))
+        consume(tensor)
+        del tensor
+        # Drop the pages just read: a mapped file's touched pages count as resident until unmapped.
+        page = mmap.PAGESIZE
+        lo = (data_start + begin) // page * page
+        if end > begin:
+            mm.madvise(mmap.MADV_DONTNEED, lo, data_start + end - lo)
+
+    def close(self) -> None:
+        for _, mm, _ in self._maps:
+            mm.close()
+        self._maps = []
+
+
+def _progress_bar(total_bytes: int, progress: Optional[bool]):
+    if progress is False or (progress is None and total_bytes < (1 << 30)):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="host store")
