@@ -246,7 +246,8 @@ def main(argv=None):
     p.add_argument("--scale", type=int, default=None,
                    help="divide H and I by this (default: 1 on GPU, 16 for mixtral / 8 for qwen3 on CPU)")
     p.add_argument("--ratios", default="0.25,1,4", help="compute/copy time ratios to run (copy-bound..compute-bound)")
-    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--passes", type=int, default=None,
+                   help="timed passes per kind (default 5 on GPU; 15 on CPU, where other processes' load is noisy)")
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--prefetch-depth", type=int, default=1)
     p.add_argument("--compute", choices=["auto", "matmul", "fused_moe"], default="auto")
@@ -259,6 +260,8 @@ def main(argv=None):
 
     device = args.device
     on_gpu = device.startswith("cuda")
+    if args.passes is None:
+        args.passes = 5 if on_gpu else 15
     if args.max_seconds is None:
         args.max_seconds = 75.0 if on_gpu else 0.0
     if not on_gpu:
