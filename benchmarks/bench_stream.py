@@ -296,6 +296,11 @@ def main(argv=None):
     budget = Budget(args.max_seconds if args.max_seconds > 0 else None)
     runs_left = len(models) * len(ratios)
     for model in models:
+        if budget.share(1) < 15.0:  # setting up a model (pinning and filling its layers) takes seconds
+            print(f"\n== {model}: skipped (time budget)")
+            report["models"][model] = {"skipped": "time budget"}
+            runs_left -= len(ratios)
+            continue
         H, I, E = MODELS[model]
         scale = args.scale or (1 if on_gpu else (16 if model == "mixtral" else 8))
         H, I = H // scale, I // scale
