@@ -340,9 +340,16 @@ def main(argv=None):
                 for mode in MODES:
                     kinds[mode] = (lambda s: lambda: stream_pass(s, L, x, compute, routing))(streamers[mode])
                 estimate = {k: time_fn(f, device, repeats=1) for k, f in kinds.items() if k not in MODES}
-                for mode in MODES:
-                    estimate[mode] = probe_pass_time(streamers[mode], L, device, x, compute, routing)
                 share = budget.share(runs_left + 1)
+                for mode in MODES:
+                    if mode == "uva" and on_gpu:
+                        # A GEMM re-reads each weight tile about once per 128 tokens; in uva each read
+                        # crosses PCIe. Don't even probe when that alone would blow the budget.
+                        guess = L * layer_bytes * max(1.0, tokens / 128) / (peak * 1e9)
+                        if guess * 3 > share:
+                            estimate[mode] = guess
+                            continue
+                    estimate[mode] = probe_pass_time(streamers[mode], L, device, x, compute, routing)
                 # uva on a GPU re-reads host memory over PCIe for every tile and can be very slow: when a
                 # warm-up and two passes of everything would not fit the budget, it is left out first.
                 if sum(estimate.values()) * 3 > share:
