@@ -1,7 +1,8 @@
 // Every native entry point of moe_swap, one line each; schemas live in torch_bindings.cpp.
 #pragma once
 
-#include <torch/all.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <optional>
 #include <string>

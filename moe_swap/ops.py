@@ -26,23 +26,35 @@ def topk_route(
 ) -> tuple[Tensor, Tensor]:
     """Pick ``top_k`` experts per token.
 
+    Reproduces the routers of Mixtral (softmax, top-2, ``renormalize``), Qwen2-MoE and OLMoE
+    (softmax), Qwen3-MoE (softmax, ``renormalize``), DeepSeek-V2 (softmax, optionally
+    group-limited, ``routed_scaling_factor``) and DeepSeek-V3 (sigmoid, groups, ``correction_bias``,
+    ``renormalize``, ``routed_scaling_factor``).
+
     Args:
-        router_logits: ``[T, E]`` router output, any float dtype (scored in float32).
-        top_k: experts per token, in ``[1, E]``.
+        router_logits: ``[T, E]`` router output, float32, bfloat16 or float16 (scored in float32).
+            Non-contiguous logits are accepted (copied contiguous first).
+        top_k: experts per token, in ``[1, E]``, and at most ``topk_group * E / num_expert_group``
+            (the experts left after the group limit). The CUDA kernel supports ``top_k <= 32``.
         scoring: ``"softmax"`` (Mixtral, Qwen, OLMoE, DeepSeek-V2) or ``"sigmoid"`` (DeepSeek-V3).
-        renormalize: divide the chosen weights by their sum.
-        num_expert_group: split the experts into this many equal groups (must divide E).
-        topk_group: keep only the best ``topk_group`` groups, then pick top-k inside them. A group
-            scores by its best expert, or, when ``correction_bias`` is given, by the sum of its best
-            two (DeepSeek-V3).
-        correction_bias: ``[E]`` float, added to the scores for *selection only*; the returned
-            weights are the unbiased scores.
-        routed_scaling_factor: multiplies the final weights.
+        renormalize: divide the chosen weights by ``their sum + 1e-20`` (DeepSeek-V3's epsilon: a
+            no-op in float32 for softmax weights, and all-zero sigmoid weights stay 0).
+        num_expert_group: split the experts into this many equal, consecutive groups (``>= 1``,
+            must divide E).
+        topk_group: keep only the best ``topk_group`` groups (in ``[1, num_expert_group]``), then
+            pick top-k inside them; experts of the other groups are never chosen. A group scores by
+            its best expert's selection score, or, when ``correction_bias`` is given, by the sum of
+            its best two (DeepSeek-V3; as in vLLM's ``grouped_topk``). Group ties: lower group first.
+        correction_bias: ``[E]`` float32/bfloat16/float16 on the logits' device, added to the scores
+            for *selection only*; the returned weights are the unbiased scores.
+        routed_scaling_factor: multiplies the final weights (after renormalisation).
 
     Returns:
         ``(topk_weights, topk_ids)``: float32 ``[T, top_k]`` and int32 ``[T, top_k]``, in order of
-        decreasing selection score (ties: lower expert id first). NaN scores rank lowest, so the ids
-        are always distinct and in ``[0, E)``.
+        decreasing selection score (ties: lower expert id first). NaN scores rank lowest, below
+        -inf, so the ids are always distinct and in ``[0, E)``; the weights follow torch: a NaN or
+        +inf logit makes the whole softmax row NaN. ``T = 0`` gives empty ``[0, top_k]`` tensors.
+        The weights stay float32 even where a model rounds them to its dtype (Qwen, OLMoE).
     """
     return torch.ops.moe_swap.topk_route.default(
         router_logits, top_k, scoring, renormalize, num_expert_group, topk_group,
@@ -53,7 +65,14 @@ def topk_route(
 @torch.library.register_fake("moe_swap::topk_route")
 def _topk_route_fake(router_logits, top_k, scoring="softmax", renormalize=False, num_expert_group=1,
                      topk_group=1, correction_bias=None, routed_scaling_factor=1.0):
-    torch._check(router_logits.dim() == 2, lambda: f"router_logits must be 2-D, got {router_logits.dim()}-D")
+    torch._check(router_logits.dim() == 2, lambda: f"router_logits must be a 2-D tensor, got {router_logits.dim()}-D")
+    num_experts = router_logits.shape[1]
+    torch._check(1 <= top_k <= num_experts,
+                 lambda: f"top_k must be in [1, E] with E = router_logits.size(1) = {num_experts}, got {top_k}")
+    if correction_bias is not None:
+        torch._check(correction_bias.device == router_logits.device,
+                     lambda: f"correction_bias must be on the same device as router_logits "
+                             f"({router_logits.device}), got {correction_bias.device}")
     t = router_logits.shape[0]
     return (router_logits.new_empty((t, top_k), dtype=torch.float32),
             router_logits.new_empty((t, top_k), dtype=torch.int32))

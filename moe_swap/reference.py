@@ -35,10 +35,10 @@ def topk_route(
 
     choice = scores.clone()
     if correction_bias is not None:
-        choice = choice + correction_bias.float()
+        choice = choice + correction_bias.float().to(choice.device)
     # NaN ranks lowest: below every real score, even -inf.
-    choice_key = torch.where(torch.isnan(choice), torch.full_like(choice, -float("inf")), choice)
     nan_rank = torch.isnan(choice)
+    choice_key = torch.where(nan_rank, torch.full_like(choice, -float("inf")), choice)
 
     allowed = torch.ones(num_tokens, num_experts, dtype=torch.bool)
     if num_expert_group > 1:
@@ -48,10 +48,11 @@ def topk_route(
             for g in range(num_expert_group):
                 members = choice_key[t, g * per_group:(g + 1) * per_group]
                 if correction_bias is not None:
-                    best_two = sorted(members.tolist(), reverse=True)[: min(2, per_group)]
-                    group_scores.append(sum(best_two))
+                    # summed in float32, as DeepSeek-V3 and vLLM do
+                    best_two = torch.sort(members, descending=True).values[: min(2, per_group)]
+                    group_scores.append(float(best_two.sum()))
                 else:
-                    group_scores.append(max(members.tolist()))
+                    group_scores.append(float(members.max()))
             # best groups first; ties: lower group index first
             order = sorted(range(num_expert_group), key=lambda g: (-_nan_low(group_scores[g]), g))
             allowed[t] = False
@@ -61,14 +62,19 @@ def topk_route(
     topk_weights = torch.zeros(num_tokens, top_k, dtype=torch.float32)
     topk_ids = torch.zeros(num_tokens, top_k, dtype=torch.int32)
     for t in range(num_tokens):
-        candidates = [e for e in range(num_experts) if allowed[t, e]]
-        # rank: allowed and not NaN first, by decreasing selection score, ties by lower id
-        candidates.sort(key=lambda e: (bool(nan_rank[t, e]), -float(choice_key[t, e]), e))
+        row_key = choice_key[t].tolist()
+        row_nan = nan_rank[t].tolist()
+        row_allowed = allowed[t].tolist()
+        candidates = [e for e in range(num_experts) if row_allowed[e]]
+        # rank: not NaN first, then by decreasing selection score, ties by lower id
+        candidates.sort(key=lambda e: (row_nan[e], -row_key[e], e))
         chosen = candidates[:top_k]
         topk_ids[t] = torch.tensor(chosen, dtype=torch.int32)
-        topk_weights[t] = scores[t, chosen]
+        topk_weights[t] = scores[t, chosen].cpu()
     if renormalize:
-        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        # + 1e-20 as DeepSeek-V3 does: a no-op in float32 for softmax scores (their sum is >= 1/E),
+        # and all-zero sigmoid weights stay 0 instead of becoming NaN
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
     topk_weights = topk_weights * routed_scaling_factor
     return topk_weights, topk_ids
 

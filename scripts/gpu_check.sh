@@ -13,6 +13,9 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}"
+# The GPU image's default CXX (/opt/gcc, GCC 13) builds a module that segfaults when a TORCH_CHECK
+# message formats an integer (its libstdc++ locale code clashes with torch's); the system g++ works.
+if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
 summary="$OUT/summary.txt"
 : >"$summary"
 status() { printf '%-28s %s\n' "$1" "$2" | tee -a "$summary"; }

@@ -5,7 +5,8 @@
 // the input's device, launch on at::cuda::getCurrentCUDAStream(), then MOE_SWAP_LAUNCH_CHECK().
 #pragma once
 
-#include <torch/all.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <string>
 

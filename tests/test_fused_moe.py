@@ -1,0 +1,313 @@
+"""fused_moe against the pure-torch oracle (moe_swap.reference), opcheck, torch.compile, bad inputs."""
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import moe_swap
+from moe_swap import reference
+from conftest import DEVICES, requires_cuda
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ACTIVATIONS = ["silu", "gelu", "gelu_tanh"]
+# (H, I), including sizes that are not multiples of 8 (and not of the 16-lane vector width).
+SHAPES = [(16, 24), (72, 40), (100, 52)]
+EXPERTS_AND_TOPK = [(e, k) for e in (1, 8, 64) for k in (1, 2, 6, 8) if k <= e]
+# Outputs are O(1); bfloat16/float16 differ from the oracle by an ulp of the rounded intermediate.
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
+
+
+def make_moe(num_tokens, hidden, inter, num_experts, top_k, dtype, device, *, num_global=None, id_dtype=torch.int32):
+    """Random inputs; with num_global, ids are global and an expert_map holds a random subset of them."""
+    x = torch.randn(num_tokens, hidden, device=device).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).to(dtype)
+    id_space = num_global or num_experts
+    ids = torch.stack([torch.randperm(id_space)[:top_k] for _ in range(num_tokens)]) if num_tokens else \
+        torch.zeros(0, top_k, dtype=torch.long)
+    ids = ids.to(device=device, dtype=id_dtype)
+    weights = torch.rand(num_tokens, top_k, device=device)
+    expert_map = None
+    if num_global is not None:
+        expert_map = torch.full((num_global,), -1, dtype=torch.int32)
+        expert_map[torch.randperm(num_global)[:num_experts]] = torch.randperm(num_experts, dtype=torch.int32)
+        expert_map = expert_map.to(device)
+    return x, w13, w2, weights, ids, expert_map
+
+
+def assert_matches_reference(args, activation="silu"):
+    x = args[0]
+    out = moe_swap.fused_moe(*args, activation=activation)
+    expected = reference.fused_moe(*(a.cpu() if a is not None else None for a in args), activation=activation)
+    assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous()
+    atol, rtol = TOLERANCE[x.dtype]
+    torch.testing.assert_close(out.cpu().float(), expected.float(), atol=atol, rtol=rtol)
+    return out
+
+
+def _grid():
+    # Every T x (E, k) x dtype; the shape, map, activation and id dtype cycle so each value occurs.
+    cases = []
+    for i, (t, (e, k), dtype) in enumerate(itertools.product((0, 1, 7, 64, 333), EXPERTS_AND_TOPK, DTYPES)):
+        hidden, inter = SHAPES[i % len(SHAPES)]
+        mapped = (i // 3) % 2 == 1
+        activation = ACTIVATIONS[(i // 2) % len(ACTIVATIONS)]
+        id_dtype = torch.int32 if i % 4 else torch.int64
+        cases.append(pytest.param(t, hidden, inter, e, k, dtype, mapped, activation, id_dtype,
+                                  id=f"T{t}-H{hidden}-I{inter}-E{e}-k{k}-{str(dtype)[6:]}-{'map' if mapped else 'nomap'}"
+                                     f"-{activation}-{str(id_dtype)[6:]}"))
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("t,hidden,inter,e,k,dtype,mapped,activation,id_dtype", _grid())
+def test_grid_against_reference(device, t, hidden, inter, e, k, dtype, mapped, activation, id_dtype):
+    # With a map, ids range over twice as many global experts, about half of them not held here.
+    num_global = 2 * e + 1 if mapped else None
+    args = make_moe(t, hidden, inter, e, k, dtype, device, num_global=num_global, id_dtype=id_dtype)
+    assert_matches_reference(args, activation)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("mapped", [False, True], ids=["nomap", "map"])
+def test_each_activation_and_dtype(device, dtype, activation, mapped):
+    # A skewed batch: experts with one token (tiled decode path) and with many (GEMM prefill path).
+    args = list(make_moe(96, 72, 52, 8, 2, dtype, device, num_global=12 if mapped else None))
+    ids = args[4]
+    ids[:64, 0] = ids[0, 0]  # one hot expert in slot 0 for most tokens
+    ids[:64, 1] = torch.where(ids[:64, 1] == ids[0, 0], ids[0, 1], ids[:64, 1])
+    assert (ids[:, 0] != ids[:, 1]).all()
+    assert_matches_reference(args, activation)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_repeated_expert_in_a_row_counts_twice(device):
+    x, w13, w2, w, ids, _ = make_moe(5, 40, 24, 4, 3, torch.float32, device)
+    ids[:] = 2
+    out = assert_matches_reference((x, w13, w2, w, ids, None))
+    single = moe_swap.fused_moe(x, w13, w2, w.sum(1, keepdim=True), ids[:, :1])
+    torch.testing.assert_close(out, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_map_with_no_expert_held_gives_zeros(device):
+    x, w13, w2, w, ids, _ = make_moe(9, 32, 16, 3, 2, torch.bfloat16, device, num_global=6)
+    expert_map = torch.full((6,), -1, dtype=torch.int32, device=device)
+    out = moe_swap.fused_moe(x, w13, w2, w, ids, expert_map)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x, w13, w2, w, ids, _ = make_moe(0, 24, 16, 4, 2, torch.float16, device)
+    out = moe_swap.fused_moe(x, w13, w2, w, ids)
+    assert out.shape == (0, 24) and out.dtype == torch.float16 and out.device == x.device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs(device, dtype):
+    t, hidden, inter, e, k = 21, 48, 40, 6, 2
+    x, w13, w2, w, ids, expert_map = make_moe(t, hidden, inter, e, k, dtype, device, num_global=9)
+    # Same values, stored transposed, strided or sliced.
+    x_nc = torch.empty(hidden, t, dtype=dtype, device=device).t().copy_(x)
+    w13_nc = w13.transpose(1, 2).contiguous().transpose(1, 2)
+    w2_nc = torch.empty(e, hidden, 2 * inter, dtype=dtype, device=device)[:, :, ::2].copy_(w2)
+    w_nc = torch.empty(k, t, device=device).t().copy_(w)
+    ids_nc = torch.empty(t, 2 * k, dtype=ids.dtype, device=device)[:, ::2].copy_(ids)
+    map_nc = torch.empty(2 * 9, dtype=torch.int32, device=device)[::2].copy_(expert_map)
+    for a in (x_nc, w13_nc, w2_nc, w_nc, ids_nc, map_nc):
+        assert not a.is_contiguous()
+    out = assert_matches_reference((x_nc, w13_nc, w2_nc, w_nc, ids_nc, map_nc))
+    torch.testing.assert_close(out, moe_swap.fused_moe(x, w13, w2, w, ids, expert_map), atol=0, rtol=0)
+
+
+# ---- opcheck and torch.compile ----
+
+def _opcheck_samples(device):
+    yield make_moe(7, 24, 20, 4, 2, torch.float32, device)
+    yield make_moe(3, 40, 16, 8, 8, torch.bfloat16, device, id_dtype=torch.int64)
+    yield make_moe(33, 16, 24, 4, 2, torch.float16, device, num_global=7)
+    yield make_moe(0, 16, 8, 2, 1, torch.float32, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in _opcheck_samples(device):
+        # All of opcheck's checks: schema, autograd registration, fake tensor, AOT dispatch.
+        torch.library.opcheck(torch.ops.moe_swap.fused_moe.default, args, {"activation": "gelu"})
+
+
+class TinyMoE(torch.nn.Module):
+    """A small MoE block: a router picking top-k with softmax, then the experts through fused_moe."""
+
+    def __init__(self, hidden=32, inter=48, num_experts=6, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.router = torch.nn.Linear(hidden, num_experts, bias=False)
+        self.w13 = torch.nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(num_experts, hidden, inter) / inter**0.5)
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        return moe_swap.fused_moe(x, self.w13, self.w2, weights / weights.sum(-1, keepdim=True), ids.int())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    model = TinyMoE().to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for t in (5, 17):
+            x = torch.randn(t, 32, device=device)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# ---- the other CPU code paths, in a fresh process (the choices are read once per process) ----
+
+@pytest.mark.parametrize("env", [{"MOE_SWAP_CPU_KERNELS": "generic"}, {"MOE_SWAP_CPU_SMALL_BATCH": "0"},
+                                 {"MOE_SWAP_CPU_SMALL_BATCH": "100000"}],
+                         ids=["portable-kernels", "all-experts-gemm", "all-experts-tiled"])
+def test_cpu_paths_in_subprocess(env):
+    script = textwrap.dedent("""
+        import torch, moe_swap
+        from moe_swap import reference
+        torch.manual_seed(0)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+            for act in ("silu", "gelu", "gelu_tanh"):
+                t, h, i, e, k = 40, 37, 29, 8, 3
+                x = torch.randn(t, h).to(dtype)
+                w13 = (torch.randn(e, 2 * i, h) / h ** 0.5).to(dtype)
+                w2 = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
+                ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).int()
+                w = torch.rand(t, k)
+                ids[:30, 0] = 5  # one expert above any small-batch limit, the rest below
+                ids[:30, 1:] = torch.where(ids[:30, 1:] == 5, 6, ids[:30, 1:])
+                ids[:30, 2] = torch.where(ids[:30, 2] == 6, 7, ids[:30, 2])
+                ids[:30, 1] = torch.where(ids[:30, 1] == ids[:30, 2], 4, ids[:30, 1])
+                out = moe_swap.fused_moe(x, w13, w2, w, ids, activation=act)
+                ref = reference.fused_moe(x, w13, w2, w, ids, activation=act)
+                torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# ---- bad inputs: every check names the argument ----
+
+def _good(device="cpu", mapped=True):
+    return dict(zip(["hidden_states", "w13", "w2", "topk_weights", "topk_ids", "expert_map"],
+                    make_moe(4, 16, 8, 3, 2, torch.float32, device, num_global=5 if mapped else None)))
+
+
+BAD_INPUTS = [
+    ("hidden_3d", lambda a: a.update(hidden_states=a["hidden_states"][None]), "hidden_states must be 2-D"),
+    ("hidden_int", lambda a: a.update(hidden_states=a["hidden_states"].int()), "hidden_states must be float32"),
+    ("w13_2d", lambda a: a.update(w13=a["w13"][0]), "w13 must be 3-D"),
+    ("w2_2d", lambda a: a.update(w2=a["w2"][0]), "w2 must be 3-D"),
+    ("w13_H", lambda a: a.update(w13=a["w13"][:, :, :-1]), r"w13.size\(2\) must equal H"),
+    ("w13_odd", lambda a: a.update(w13=a["w13"][:, :-1]), r"w13.size\(1\) must be even"),
+    ("w2_E", lambda a: a.update(w2=a["w2"][:-1]), r"w2.size\(0\) must equal E"),
+    ("w2_H", lambda a: a.update(w2=a["w2"][:, :-1]), r"w2.size\(1\) must equal H"),
+    ("w2_I", lambda a: a.update(w2=a["w2"][:, :, :-1]), r"w2.size\(2\) must equal I"),
+    ("w13_dtype", lambda a: a.update(w13=a["w13"].half()), "w13 must have the dtype of hidden_states"),
+    ("w2_dtype", lambda a: a.update(w2=a["w2"].bfloat16()), "w2 must have the dtype of hidden_states"),
+    ("weights_1d", lambda a: a.update(topk_weights=a["topk_weights"][0]), "topk_weights must be 2-D"),
+    ("weights_T", lambda a: a.update(topk_weights=a["topk_weights"][:-1]), r"topk_weights.size\(0\) must equal T"),
+    ("weights_dtype", lambda a: a.update(topk_weights=a["topk_weights"].half()), "topk_weights must be float32"),
+    ("ids_1d", lambda a: a.update(topk_ids=a["topk_ids"][0]), "topk_ids must be 2-D"),
+    ("ids_shape", lambda a: a.update(topk_ids=a["topk_ids"][:, :1]), "topk_ids must have the shape of topk_weights"),
+    ("ids_dtype", lambda a: a.update(topk_ids=a["topk_ids"].float()), "topk_ids must be int32 or int64"),
+    ("map_2d", lambda a: a.update(expert_map=a["expert_map"][None]), "expert_map must be 1-D"),
+    ("map_dtype", lambda a: a.update(expert_map=a["expert_map"].long()), "expert_map must be int32"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_names_the_argument(device, name, mutate, message):
+    args = _good(device)
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        moe_swap.fused_moe(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_activation_is_a_value_error(device):
+    with pytest.raises(ValueError, match="activation must be 'silu', 'gelu' or 'gelu_tanh', got 'relu'"):
+        moe_swap.fused_moe(**_good(device), activation="relu")
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["hidden_states", "w13", "w2", "topk_weights", "topk_ids", "expert_map"])
+def test_mixed_devices_name_the_argument(name):
+    args = _good("cuda")
+    args[name] = args[name].cpu()
+    with pytest.raises(RuntimeError, match=f"{name} must be on the device of hidden_states|"
+                                           f"hidden_states must be on the device"):
+        moe_swap.fused_moe(**args)
+
+
+OUT_OF_RANGE = [
+    # (name, set up the bad value, message on CPU)
+    ("id_eq_E", lambda a: a["topk_ids"].__setitem__((2, 1), 3),
+     r"topk_ids\[2, 1\] = 3 is out of range: expected an expert id in \[0, 3\)"),
+    ("id_negative", lambda a: a["topk_ids"].__setitem__((0, 0), -1),
+     r"topk_ids\[0, 0\] = -1 is out of range"),
+    ("global_id_eq_E_global", lambda a: a["topk_ids"].__setitem__((3, 0), 5),
+     r"topk_ids\[3, 0\] = 5 is out of range: expected a global expert id in \[0, 5\)"),
+    ("map_entry_eq_E", lambda a: a["expert_map"].__setitem__(int(a["topk_ids"][1, 1]), 3),
+     r"expert_map\[\d\] = 3 is out of range: expected -1 \(not held here\) or an index in \[0, 3\)"),
+    ("map_entry_below_minus_one", lambda a: a["expert_map"].__setitem__(int(a["topk_ids"][0, 0]), -2),
+     r"expert_map\[\d\] = -2 is out of range"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,message", OUT_OF_RANGE, ids=[o[0] for o in OUT_OF_RANGE])
+def test_out_of_range_ids_raise_on_cpu(name, corrupt, message):
+    args = _good("cpu", mapped=name.startswith(("global", "map")))
+    corrupt(args)
+    with pytest.raises(RuntimeError, match=message):
+        moe_swap.fused_moe(**args)
+
+
+@requires_cuda
+@pytest.mark.parametrize("name,corrupt,message", OUT_OF_RANGE, ids=[o[0] for o in OUT_OF_RANGE])
+def test_out_of_range_ids_on_cuda_skip_or_raise_in_debug(name, corrupt, message):
+    args = _good("cpu", mapped=name.startswith(("global", "map")))
+    corrupt(args)
+    cuda_args = {key: value.cuda() for key, value in args.items()}
+    # Without debug: an invalid pair is skipped (contributes nothing), never read out of bounds.
+    out = moe_swap.fused_moe(**cuda_args)
+    torch.cuda.synchronize()
+    ids, expert_map, num_local = args["topk_ids"].long(), args["expert_map"], args["w13"].shape[0]
+    if expert_map is None:
+        valid = (ids >= 0) & (ids < num_local)
+    else:
+        valid = (ids >= 0) & (ids < expert_map.numel())
+        local = expert_map[ids.clamp(0, expert_map.numel() - 1)].long()
+        valid &= (local >= -1) & (local < num_local)
+        expert_map = torch.where((expert_map >= -1) & (expert_map < num_local), expert_map, -1).int()
+    # The oracle on the valid pairs only: invalid ones get weight 0 on a valid id.
+    expected = reference.fused_moe(args["hidden_states"], args["w13"], args["w2"], args["topk_weights"] * valid,
+                                   torch.where(valid, ids, 0).int(), expert_map)
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
+    moe_swap.set_debug(True)
+    try:
+        with pytest.raises(RuntimeError):
+            moe_swap.fused_moe(**cuda_args)
+            torch.cuda.synchronize()
+    finally:
+        moe_swap.set_debug(False)
