@@ -13,7 +13,8 @@ Every call gets a fresh routing (cycled from a pre-drawn set), so weights come f
 would in a model, not from a cache warmed by the previous call. Implementations are interleaved call
 by call, so load from other processes hits them alike. Times are medians.
 
-    python benchmarks/bench_ops.py                      # CPU (and GPU if present), both dtypes
+    python benchmarks/bench_ops.py                      # GPU if present, else CPU (both dtypes)
+    python benchmarks/bench_ops.py --sections cpu,gpu   # both
     python benchmarks/bench_ops.py --dtypes bfloat16 --out bench_results/cpu_bf16.json
 """
 
@@ -298,23 +299,30 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_results/bench_ops.json", help="where to write the JSON results")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="CPU dtypes, comma-separated")
-    parser.add_argument("--skip-cpu", action="store_true")
-    parser.add_argument("--skip-gpu", action="store_true")
+    parser.add_argument("--sections", default="auto",
+                        help="cpu, gpu or cpu,gpu; auto (default): gpu where CUDA is available, else cpu "
+                             "(keeps scripts/gpu_check.sh inside its time limit)")
     parser.add_argument("--quick", action="store_true", help="shorter runs, no CPU prefill (a smoke test)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     records = []
+    sections = args.sections.split(",")
+    if sections == ["auto"]:
+        sections = ["gpu"] if torch.cuda.is_available() else ["cpu"]
+    if "gpu" in sections and not torch.cuda.is_available():
+        parser.error("--sections gpu needs CUDA, and torch.cuda.is_available() is False")
     with torch.inference_mode():
-        if not args.skip_cpu:
+        if "cpu" in sections:
             records += run_cpu([d for d in args.dtypes.split(",") if d], args.quick)
-        if not args.skip_gpu and torch.cuda.is_available():
+        if "gpu" in sections:
             records += run_gpu(args.quick)
     lines = summarize_targets(records)
     print("\n" + "\n".join(lines))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"torch": torch.__version__, "python": platform.python_version(),
-                               "threads": torch.get_num_threads(), "cmdline": sys.argv, "targets": lines,
+                               "threads": torch.get_num_threads(), "cmdline": sys.argv,
+                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "targets": lines,
                                "records": records}, indent=1))
     print(f"wrote {out}")
 

@@ -8,6 +8,8 @@ import torch  # noqa: F401  (the native library links against torch's; load torc
 from . import _C  # noqa: F401  (registers the torch ops)
 from .ops import fused_moe, set_debug, topk_route
 from .streamer import WeightStreamer
+from .offload import OffloadReport, offload  # Hugging Face MoE models with streamed experts
+from .loader import load  # a safetensors folder -> model with streamed experts
 
-__all__ = ["WeightStreamer", "fused_moe", "set_debug", "topk_route"]
+__all__ = ["OffloadReport", "WeightStreamer", "fused_moe", "load", "offload", "set_debug", "topk_route"]
 __version__ = "0.1.0"

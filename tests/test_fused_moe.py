@@ -78,11 +78,12 @@ def test_grid_against_reference(device, t, hidden, inter, e, k, dtype, mapped, a
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("mapped", [False, True], ids=["nomap", "map"])
 def test_each_activation_and_dtype(device, dtype, activation, mapped):
-    # A skewed batch: experts with one token (tiled decode path) and with many (GEMM prefill path).
-    args = list(make_moe(96, 72, 52, 8, 2, dtype, device, num_global=12 if mapped else None))
+    # A skewed batch: experts with few tokens (tiled path) and one with more than the CPU's
+    # small-batch limit of 128 (GEMM path).
+    args = list(make_moe(160, 72, 52, 8, 2, dtype, device, num_global=12 if mapped else None))
     ids = args[4]
-    ids[:64, 0] = ids[0, 0]  # one hot expert in slot 0 for most tokens
-    ids[:64, 1] = torch.where(ids[:64, 1] == ids[0, 0], ids[0, 1], ids[:64, 1])
+    ids[:140, 0] = ids[0, 0]  # one hot expert in slot 0 for most tokens
+    ids[:140, 1] = torch.where(ids[:140, 1] == ids[0, 0], ids[0, 1], ids[:140, 1])
     assert (ids[:, 0] != ids[:, 1]).all()
     assert_matches_reference(args, activation)
 
@@ -190,7 +191,7 @@ def test_cpu_paths_in_subprocess(env):
                 w2 = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
                 ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).int()
                 w = torch.rand(t, k)
-                ids[:30, 0] = 5  # one expert above any small-batch limit, the rest below
+                ids[:30, 0] = 5  # one expert with many tokens, the rest with few
                 ids[:30, 1:] = torch.where(ids[:30, 1:] == 5, 6, ids[:30, 1:])
                 ids[:30, 2] = torch.where(ids[:30, 2] == 6, 7, ids[:30, 2])
                 ids[:30, 1] = torch.where(ids[:30, 1] == ids[:30, 2], 4, ids[:30, 1])

@@ -5,10 +5,11 @@
 // 3. Gather each expert's tokens into consecutive float rows.
 // 4. Per expert: gate/up projection, fused activation-and-multiply (rounded to the input dtype, as a
 //    model running in that dtype does), down projection; all in float32 accumulators.
-//    - Experts with few tokens (decode) are cut into row tiles that run in parallel, one thread per
-//      tile, with a kernel that reads each weight row once for all of the expert's tokens.
-//    - Experts with many tokens (prefill) run one after another, each projection a float32 GEMM
-//      that uses every thread (bfloat16/float16 weights are widened to float32 first).
+//    - Experts with up to small_batch_limit() tokens (decode, middle) are cut into row tiles that all
+//      run in one parallel region, one thread per tile, with a kernel that reads each weight row once
+//      for all of the expert's tokens (parallel across experts and across rows within an expert).
+//    - Experts with more tokens (large prefill) run one after another, each projection a float32
+//      GEMM that uses every thread (bfloat16/float16 weights are widened to float32 first).
 // 5. Combine: per token, the routing-weighted sum of its experts' outputs in float32, then the cast.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,12 +28,14 @@ namespace {
 
 using cpu::WeightType;
 
-// Experts with at most this many tokens take the tiled small-batch path. Measured on AVX-512
-// (benchmarks/bench_ops.py): the row-reading kernel beats widening + MKL sgemm up to about here.
+// Experts with at most this many tokens take the tiled path. Measured on AVX-512 (2 cores, Mixtral-
+// and Qwen3-like shapes): reading the weights once beats MKL, which packs (rereads and rewrites) the
+// weights per call and runs one parallel region per expert, up to about 64-128 tokens per expert.
+// MOE_SWAP_CPU_SMALL_BATCH overrides it (the tests use it to run both paths).
 int64_t small_batch_limit() {
   static const int64_t limit = [] {
     const char* env = std::getenv("MOE_SWAP_CPU_SMALL_BATCH");
-    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{16};
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{128};
   }();
   return limit;
 }
@@ -105,7 +108,7 @@ std::vector<RowTile> cut_into_tiles(const std::vector<int64_t>& experts, int64_t
   // Enough tiles to keep every thread busy, none narrower than 16 rows.
   const int64_t per_expert = std::max<int64_t>(1, (min_tiles + experts.size() - 1) / experts.size());
   int64_t tile_rows = std::max<int64_t>(16, (num_rows + per_expert - 1) / per_expert);
-  tile_rows = (tile_rows + 1) / 2 * 2;
+  tile_rows = (tile_rows + 3) / 4 * 4;  // whole 4-row micro tiles
   for (int64_t e : experts)
     for (int64_t r = 0; r < num_rows; r += tile_rows) tiles.push_back({e, r, std::min(num_rows, r + tile_rows)});
   return tiles;

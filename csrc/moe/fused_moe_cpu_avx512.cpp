@@ -48,8 +48,8 @@ inline __m512 load_weights_masked(const void* base, int64_t index, __mmask16 mas
 
 inline int64_t element_bytes(WeightType w) { return w == WeightType::kFloat32 ? 4 : 2; }
 
-// kRows weight rows against kTokens tokens: kRows * kTokens accumulators, each weight vector loaded
-// once and used kTokens times.
+// kRows weight rows against kTokens tokens: kRows * kTokens accumulators (4 x 4 = 16 of the 32 zmm
+// registers), each weight vector loaded once and used kTokens times, each token vector kRows times.
 template <WeightType W, int kRows, int kTokens>
 inline void micro_tile(const float* x, int64_t ld_x, const void* w, int64_t ld_w, int64_t depth, float* out,
                        int64_t ld_out) {
@@ -99,7 +99,11 @@ void rows_times_tokens_typed(const float* x, int64_t num_tokens, int64_t ld_x, c
   const char* w_bytes = static_cast<const char*>(w);
   const int64_t row_bytes = ld_w * element_bytes(W);
   int64_t r = 0;
-  for (; r + 2 <= num_rows; r += 2) rows_block<W, 2>(x, num_tokens, ld_x, w_bytes + r * row_bytes, ld_w, depth, out + r, ld_out);
+  for (; r + 4 <= num_rows; r += 4) rows_block<W, 4>(x, num_tokens, ld_x, w_bytes + r * row_bytes, ld_w, depth, out + r, ld_out);
+  if (r + 2 <= num_rows) {
+    rows_block<W, 2>(x, num_tokens, ld_x, w_bytes + r * row_bytes, ld_w, depth, out + r, ld_out);
+    r += 2;
+  }
   if (r < num_rows) rows_block<W, 1>(x, num_tokens, ld_x, w_bytes + r * row_bytes, ld_w, depth, out + r, ld_out);
 }
 

@@ -43,8 +43,14 @@ void rows_times_tokens_generic(const float* x, int64_t num_tokens, int64_t ld_x,
       for (int64_t h = 0; h < len; ++h) row[h] = weight_at(w, w_type, r * ld_w + h0 + h);
       for (int64_t t = 0; t < num_tokens; ++t) {
         const float* xt = x + t * ld_x + h0;
+        // 16 independent partial sums: the compiler can keep them in vector lanes without -ffast-math.
+        float lanes[16] = {};
+        int64_t h = 0;
+        for (; h + 16 <= len; h += 16)
+          for (int l = 0; l < 16; ++l) lanes[l] += row[h + l] * xt[h + l];
         float sum = 0.0f;
-        for (int64_t h = 0; h < len; ++h) sum += row[h] * xt[h];
+        for (; h < len; ++h) sum += row[h] * xt[h];
+        for (int l = 0; l < 16; ++l) sum += lanes[l];
         out[t * ld_out + r] += sum;
       }
     }

@@ -2,6 +2,7 @@
 #include "routing/topk_route.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -1,0 +1,7 @@
+"""``python -m moe_swap demo|bench|info`` (see moe_swap/cli.py)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,360 @@
+"""``moe_swap.offload(model)``: run a Hugging Face MoE model with its experts streamed from host memory.
+
+The routed experts of each MoE layer move into the streamer's HostStore (pinned host memory on
+CUDA) and their original parameters are deleted; everything else goes to the device. Only the
+experts' computation changes:
+- transformers 5.x: the model keeps its own router and block; its fused experts module dispatches
+  through ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``, where moe_swap registers the
+  ``"moe_swap"`` implementation (acquire the layer's slot, ``fused_moe``, release).
+- transformers 4.x: the sparse block's forward is replaced by router -> ``topk_route`` ->
+  ``fused_moe`` (+ the shared expert), with the family's routing rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import models
+from .models import Family, MoELayer
+from .ops import fused_moe, topk_route
+from .planner import format_bytes, plan_placement
+
+__all__ = ["offload", "OffloadReport", "POLICIES", "MODES"]
+
+POLICIES = ("full",)
+_LATER_POLICIES = ("on_demand", "auto")
+MODES = ("full", "sync", "uva")
+EXPERTS_IMPLEMENTATION = "moe_swap"
+
+
+@dataclass
+class OffloadReport:
+    """What :func:`offload` did: where each MoE layer's experts live and what that costs."""
+
+    model_type: str
+    device: str
+    policy: str
+    mode: str
+    moe_layers: list[int]  # decoder layer indices of the sparse MoE layers
+    resident_layers: list[int]  # decoder layer indices whose experts stay on the device
+    streamed_layers: list[int]  # decoder layer indices whose experts stream from host memory
+    slots: int
+    slot_bytes: int
+    device_bytes: int  # weights on the device: non-expert + resident experts + ring slots
+    pinned_bytes: int  # the HostStore (pinned on CUDA, ordinary memory on the CPU backend)
+    streamed_bytes_per_forward: int
+    expert_bytes: int  # all routed experts of the model
+    gpu_budget: Optional[int]
+    warnings: list[str] = field(default_factory=list)
+    load: Optional[dict] = None  # filled by moe_swap.load: seconds, peak host memory
+    streamer: Any = field(default=None, repr=False)
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(self.streamed_layers)
+
+    def stats(self) -> dict:
+        """The streamer's statistics (bytes copied, copies, wait time...), {} when nothing streams."""
+        return self.streamer.stats() if self.streamer is not None else {}
+
+    def __str__(self) -> str:
+        host_kind = "pinned host" if self.device.startswith("cuda") else "host store (CPU backend)"
+        rows = [
+            ("model", f"{self.model_type}, {len(self.moe_layers)} MoE layers"),
+            ("device / policy / mode", f"{self.device} / {self.policy} / {self.mode}"),
+            ("resident layers", _ranges(self.resident_layers) or "none"),
+            ("streamed layers", _ranges(self.streamed_layers) or "none"),
+            ("ring slots", f"{self.slots} x {format_bytes(self.slot_bytes)}" if self.slots else "none"),
+            ("device weights", format_bytes(self.device_bytes)
+             + (f" (budget {format_bytes(self.gpu_budget)})" if self.gpu_budget is not None else "")),
+            (host_kind, format_bytes(self.pinned_bytes)),
+            ("streamed per forward", format_bytes(self.streamed_bytes_per_forward)),
+        ]
+        if self.load:
+            rows.append(("load time", f"{self.load['seconds']:.2f} s"))
+            rows.append(("peak host memory (load)", f"{format_bytes(self.load['peak_host_bytes'])} (process "
+                         f"resident memory before loading: {format_bytes(self.load['host_bytes_before'])})"))
+        width = max(len(k) for k, _ in rows)
+        lines = ["moe_swap offload"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0,1,2,5,7,8] -> '0-2, 5, 7-8'."""
+    parts, start = [], None
+    for i, x in enumerate(indices):
+        if start is None:
+            start = x
+        if i + 1 == len(indices) or indices[i + 1] != x + 1:
+            parts.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(parts)
+
+
+class _LayerExperts:
+    """Where one MoE layer's experts live: a streamer index, or tensors on the holding module.
+
+    A plain object (not a Module) so that it is not moved, saved or traversed with the model.
+    """
+
+    def __init__(self, activation: str, streamer=None, index: Optional[int] = None,
+                 w13_name: str = "", w2_name: str = ""):
+        self.activation = activation
+        self.streamer = streamer
+        self.index = index
+        self.w13_name = w13_name
+        self.w2_name = w2_name
+
+    def run(self, holder: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor) -> torch.Tensor:
+        weights = topk_weights.to(torch.float32)
+        ids = topk_ids.to(torch.int32)
+        if self.streamer is None:
+            return fused_moe(hidden, getattr(holder, self.w13_name), getattr(holder, self.w2_name),
+                             weights, ids, activation=self.activation)
+        # `after` orders acquire after the layer's input and release after its output in a compiled graph
+        w13, w2 = self.streamer.acquire(self.index, after=[hidden])
+        out = fused_moe(hidden, w13, w2, weights, ids, activation=self.activation)
+        self.streamer.release(self.index, after=[out])
+        return out
+
+
+def moe_swap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The ``"moe_swap"`` entry of transformers' ``ALL_EXPERTS_FUNCTIONS`` (5.x fused experts)."""
+    layer = getattr(self, "_moe_swap_experts", None)
+    if layer is None:
+        raise RuntimeError(
+            f"experts_implementation='{EXPERTS_IMPLEMENTATION}' is set on a {type(self).__name__} that "
+            f"moe_swap.offload() has not prepared; call moe_swap.offload(model) instead of setting it")
+    return layer.run(self, hidden_states, top_k_weights, top_k_index)
+
+
+def _register_experts_implementation() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, moe_swap_experts_forward)
+
+
+def _sparse_block_forward(self: nn.Module, hidden_states: torch.Tensor):
+    """Replacement forward of a transformers 4.x sparse MoE block: router, topk_route, fused_moe."""
+    state = self._moe_swap_block
+    routing: models.Routing = state.routing
+    batch, seq, hidden = hidden_states.shape
+    x = hidden_states.reshape(-1, hidden)
+    gate_weight = self.gate.weight
+    if routing.router_in_float32:
+        router_logits = F.linear(x.float(), gate_weight.float())
+    else:
+        router_logits = F.linear(x, gate_weight)
+    bias = self.gate.e_score_correction_bias if routing.uses_correction_bias else None
+    topk_weights, topk_ids = topk_route(
+        router_logits, routing.top_k, routing.scoring, routing.renormalize, routing.num_expert_group,
+        routing.topk_group, bias, routing.routed_scaling_factor)
+    out = state.experts.run(self, x, topk_weights, topk_ids)
+    family: Family = state.family
+    if family.shared_expert is not None:
+        shared = getattr(self, family.shared_expert)(x)
+        if family.shared_expert_gate is not None:
+            shared = torch.sigmoid(getattr(self, family.shared_expert_gate)(x)) * shared
+        out = out + shared
+    out = out.reshape(batch, seq, hidden)
+    return (out, router_logits) if family.returns_router_logits else out
+
+
+def _check_device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but torch.cuda.is_available() is False; pass device='cpu' "
+                             f"to run on the CPU backend")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+    return dev
+
+
+def _check_policy_and_mode(policy: str, mode: str) -> None:
+    if policy in _LATER_POLICIES:
+        raise ValueError(f"policy={policy!r} (expert-granular streaming) is not implemented yet; "
+                         f"supported policies: {', '.join(POLICIES)}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)} (full: double-buffered streaming; sync: "
+                         f"copy then compute, vLLM's legacy cpu offload; uva: kernels read pinned host "
+                         f"memory), got {mode!r}")
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+ExpertSource = Callable[[MoELayer], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def _offload(
+    model: nn.Module,
+    family: Family,
+    layers: list[MoELayer],
+    expert_source: ExpertSource,
+    expert_element_size: int,
+    device: torch.device,
+    gpu_budget,
+    policy: str,
+    mode: str,
+    slots: int,
+    prefetch_depth: int,
+    move_rest: bool,
+    add_streamed: Optional[Callable] = None,
+) -> OffloadReport:
+    """Shared by offload() (experts read from the model) and load() (experts read from a checkpoint).
+
+    ``expert_source(layer) -> (w13, w2)`` gives a layer's experts; ``add_streamed(layer, streamer) ->
+    index``, when given, fills a streamed layer into the HostStore itself (tensor by tensor)."""
+    config = model.config
+    activation = models.expert_activation(config)
+    expert_params = {id(p) for layer in layers for p in models.expert_parameters(layer, family)}
+    base_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers())
+                     if id(t) not in expert_params)
+    layer_bytes = [layer.expert_numel() * expert_element_size for layer in layers]
+    plan = plan_placement(layer_bytes, base_bytes, gpu_budget, slots)
+
+    streamer = None
+    if plan.streamed:
+        from . import WeightStreamer  # the streamer lives in its own module; imported when needed
+
+        streamer = WeightStreamer(device=str(device), slots=plan.slots, prefetch_depth=prefetch_depth,
+                                  mode=mode)
+
+    streamed = set(plan.streamed)
+    if layers and layers[0].fused:
+        _register_experts_implementation()
+    for position, layer in enumerate(layers):
+        if position in streamed:
+            if add_streamed is not None:
+                index = add_streamed(layer, streamer)
+            else:
+                w13, w2 = expert_source(layer)
+                index = streamer.add_layer(w13, w2)
+                del w13, w2
+            state = _LayerExperts(activation, streamer=streamer, index=index)
+            models.drop_expert_parameters(layer)
+            _install(layer, family, config, state)
+            continue
+        w13, w2 = expert_source(layer)
+        if layer.fused:
+            models.drop_expert_parameters(layer)
+            experts = layer.block.experts
+            experts.gate_up_proj = nn.Parameter(w13.to(device).contiguous(), requires_grad=False)
+            experts.down_proj = nn.Parameter(w2.to(device).contiguous(), requires_grad=False)
+            state = _LayerExperts(activation, w13_name="gate_up_proj", w2_name="down_proj")
+        else:
+            models.drop_expert_parameters(layer)
+            layer.block.register_buffer("experts_w13", w13.to(device).contiguous(), persistent=False)
+            layer.block.register_buffer("experts_w2", w2.to(device).contiguous(), persistent=False)
+            state = _LayerExperts(activation, w13_name="experts_w13", w2_name="experts_w2")
+        _install(layer, family, config, state)
+
+    if move_rest:
+        model.to(device)
+    model._moe_swap_streamer = streamer  # keeps the HostStore and ring alive as long as the model
+
+    device_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
+    if streamer is not None and mode != "uva":
+        device_bytes += plan.slots * plan.slot_bytes  # the ring (allocated at the first acquire)
+    report = OffloadReport(
+        model_type=config.model_type,
+        device=str(device),
+        policy=policy,
+        mode=mode,
+        moe_layers=[layer.layer_index for layer in layers],
+        resident_layers=[layers[i].layer_index for i in plan.resident],
+        streamed_layers=[layers[i].layer_index for i in plan.streamed],
+        slots=plan.slots,
+        slot_bytes=plan.slot_bytes,
+        device_bytes=device_bytes,
+        pinned_bytes=int(streamer.host_bytes) if streamer is not None else 0,
+        streamed_bytes_per_forward=sum(layer_bytes[i] for i in plan.streamed),
+        expert_bytes=sum(layer_bytes),
+        gpu_budget=plan.budget,
+        warnings=list(plan.warnings),
+        streamer=streamer,
+    )
+    model.moe_swap_report = report
+    for message in report.warnings:
+        warnings.warn(f"moe_swap.offload: {message}", UserWarning, stacklevel=3)
+    return report
+
+
+def _install(layer: MoELayer, family: Family, config, state: _LayerExperts) -> None:
+    """Point the layer's experts computation at moe_swap."""
+    if layer.fused:
+        experts = layer.block.experts
+        experts._moe_swap_experts = state
+        # a per-module copy of the config selects the implementation for this module only, so the
+        # user's config (possibly shared with other models) keeps its own choice
+        experts.config = copy.copy(experts.config)
+        experts.config._experts_implementation_internal = EXPERTS_IMPLEMENTATION
+    else:
+        layer.block._moe_swap_block = types.SimpleNamespace(
+            routing=family.routing(config), family=family, experts=state)
+        layer.block.forward = types.MethodType(_sparse_block_forward, layer.block)
+
+
+def offload(
+    model: nn.Module,
+    device: Union[str, torch.device] = "cuda",
+    gpu_budget: Union[None, int, str] = None,
+    policy: str = "full",
+    slots: int = 2,
+    prefetch_depth: int = 1,
+    mode: str = "full",
+) -> OffloadReport:
+    """Stream a Hugging Face MoE model's experts from host memory; returns a report.
+
+    Args:
+        model: a causal LM of a supported family (``moe_swap.models.SUPPORTED_MODEL_TYPES``), with
+            its weights on the CPU (or any device), in any float dtype.
+        device: where the model runs: ``"cuda"``/``"cuda:N"`` (experts in pinned host memory), or
+            ``"cpu"`` (the streamer's CPU backend).
+        gpu_budget: bytes for weights on the device (int, or a string such as ``"20GiB"``): the planner
+            keeps as many layers' experts resident as fit and streams the rest. None streams every
+            MoE layer.
+        policy: ``"full"`` streams whole layers (the expert-granular policies come later).
+        slots: ScratchRing slots (>= 2).
+        prefetch_depth: streamed layers copied ahead (1..slots-1).
+        mode: the streamer's mode: ``"full"`` (double-buffered), or the ``"sync"``/``"uva"`` baselines.
+
+    The expert parameters are removed from the model (their memory is freed once nothing else holds
+    them); the model is modified in place and keeps working with ``model.generate`` and
+    ``torch.compile``. The report is also at ``model.moe_swap_report``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+    if getattr(model, "moe_swap_report", None) is not None:
+        raise ValueError("this model has already been offloaded by moe_swap; offload a fresh model")
+    _check_policy_and_mode(policy, mode)
+    dev = _check_device(device)
+    family = models.family_for_config(model.config)
+    layers = models.find_moe_layers(model, family)
+    if any(p.is_meta for layer in layers for p in models.expert_parameters(layer, family)):
+        raise ValueError("the model's experts are on the meta device (no data); build it with real "
+                         "weights, or use moe_swap.load(path) for a checkpoint folder")
+    element_size = models.expert_parameters(layers[0], family)[0].element_size() if layers else 0
+    with torch.no_grad():
+        return _offload(model, family, layers, lambda layer: models.take_expert_weights(layer, family),
+                        element_size, dev, gpu_budget, policy, mode, slots, prefetch_depth, move_rest=True)
