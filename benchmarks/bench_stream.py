@@ -108,70 +108,42 @@ def peak_copy_rate(device: str, nbytes: int) -> float:
     return nbytes / seconds / 1e9
 
 
-def timed_passes(s, num_layers, device, x, compute, routing, passes):
-    """Step times of `passes` forward passes over the streamer's layers (after one warm-up pass),
-    the bytes copied and compute-stream wait per step, and the spans of the last two passes."""
-    def one_pass():
-        for i in range(num_layers):
-            w13, w2 = s.acquire(i)
-            compute(x, w13, w2, routing)
-            s.release(i)
-
-    one_pass()  # warm-up: fills the pipeline
-    synchronize(device)
-    before = s.stats()
-    step_times = []
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        one_pass()
-        synchronize(device)
-        step_times.append(time.perf_counter() - t0)
-    s.synchronize()
-    after = s.stats()
-    holds = sorted(sp["start_us"] for sp in after["trace"] if sp["kind"] == "hold")
-    since = holds[-2 * num_layers] if len(holds) >= 2 * num_layers else holds[0]
-    return {
-        # best of the passes, like the copy-only and compute-only references (a shared machine's
-        # interference only ever adds time); the median is reported beside it
-        "step_s": min(step_times),
-        "step_s_median": statistics.median(step_times),
-        "step_s_all": step_times,
-        "bytes_per_step": (after["bytes_copied"] - before["bytes_copied"]) / passes,
-        "wait_ms_per_step": (after["wait_ms"] - before["wait_ms"]) / passes,
-        "spans": [sp for sp in after["trace"] if sp["end_us"] >= since - 1],
-    }
+def stream_pass(s, num_layers, x, compute, routing):
+    """One forward pass: acquire, compute on the slot's weights, release, for every layer."""
+    for i in range(num_layers):
+        w13, w2 = s.acquire(i)
+        compute(x, w13, w2, routing)
+        s.release(i)
 
 
-def copy_only_time(s, num_layers, device):
-    """Per-step time of the copies alone: a sync streamer acquiring and releasing with no compute."""
-    def copies():
-        for i in range(num_layers):
-            s.acquire(i)
-            s.release(i)
-    copies()
-    return time_fn(copies, device)
+def copy_pass(s, num_layers):
+    """The copies alone: a sync streamer acquiring and releasing with no compute."""
+    for i in range(num_layers):
+        s.acquire(i)
+        s.release(i)
 
 
-def machine_parallel_time(num_layers, layer_bytes, compute, x, resident, routing, device):
+def last_passes_spans(stats, num_layers, passes=2):
+    holds = sorted(sp["start_us"] for sp in stats["trace"] if sp["kind"] == "hold")
+    since = holds[-passes * num_layers] if len(holds) >= passes * num_layers else holds[0]
+    return [sp for sp in stats["trace"] if sp["end_us"] >= since - 1]
+
+
+def machine_parallel_pass(num_layers, src, dst, compute, x, resident, routing):
     """CPU only: plain threads, no streamer: L layer-sized memcpys in one thread while the main thread
     computes L layers. Divided by max(copy, compute) it is the best overlap ratio this machine allows
     right now (on a busy shared machine the two threads may not get two cores)."""
     import threading
 
-    src = torch.empty(layer_bytes, dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
-
     def copies():
         for _ in range(num_layers):
             dst.copy_(src)  # torch releases the GIL inside ops
 
-    def both():
-        t = threading.Thread(target=copies)
-        t.start()
-        for _ in range(num_layers):
-            compute(x, *resident, routing)
-        t.join()
-    return time_fn(both, device)
+    t = threading.Thread(target=copies)
+    t.start()
+    for _ in range(num_layers):
+        compute(x, *resident, routing)
+    t.join()
 
 
 MAX_TOKENS = 32768  # bounds the [E, T, 2I] intermediate of the dense workload
@@ -201,11 +173,15 @@ class Budget:
     def __init__(self, seconds):
         self.deadline = None if seconds is None else time.perf_counter() + seconds
 
-    def passes_for(self, est_pass_s, runs_left, wanted):
+    def share(self, runs_left):
+        if self.deadline is None:
+            return float("inf")
+        return max(0.0, self.deadline - time.perf_counter()) / max(1, runs_left)
+
+    def passes_for(self, est_round_s, runs_left, wanted):
         if self.deadline is None:
             return wanted
-        share = max(0.0, self.deadline - time.perf_counter()) / max(1, runs_left)
-        return min(wanted, int(share / max(est_pass_s, 1e-6)) - 1)  # -1: the warm-up pass
+        return min(wanted, int(self.share(runs_left) / max(est_round_s, 1e-6)) - 1)  # -1: the warm-up round
 
 
 def probe_pass_time(s, num_layers, device, x, compute, routing):
@@ -254,7 +230,7 @@ def plot_timeline(results, path, title):
         ax.set_title(f"{label}: step {r['step_s'] * 1e3:.1f} ms, overlap ratio {r['overlap_ratio']:.2f}",
                      fontsize=10, loc="left")
         ax.grid(axis="x", alpha=0.3)
-    axes[-1, 0].set_xlabel("time (ms), last two forward passes")
+    axes[-1, 0].set_xlabel("time (ms), two consecutive forward passes")
     fig.legend(handles=[Patch(color="red", label="compute waiting on a copy")], loc="upper right", fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -270,7 +246,8 @@ def main(argv=None):
     p.add_argument("--scale", type=int, default=None,
                    help="divide H and I by this (default: 1 on GPU, 16 for mixtral / 8 for qwen3 on CPU)")
     p.add_argument("--ratios", default="0.25,1,4", help="compute/copy time ratios to run (copy-bound..compute-bound)")
-    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--passes", type=int, default=None,
+                   help="timed passes per kind (default 5 on GPU; 15 on CPU, where other processes' load is noisy)")
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--prefetch-depth", type=int, default=1)
     p.add_argument("--compute", choices=["auto", "matmul", "fused_moe"], default="auto")
@@ -283,6 +260,8 @@ def main(argv=None):
 
     device = args.device
     on_gpu = device.startswith("cuda")
+    if args.passes is None:
+        args.passes = 5 if on_gpu else 15
     if args.max_seconds is None:
         args.max_seconds = 75.0 if on_gpu else 0.0
     if not on_gpu:
@@ -315,8 +294,13 @@ def main(argv=None):
     print(f"peak copy rate ({'pinned H2D, 1 GiB' if on_gpu else 'memcpy 256 MiB, 1 thread'}): {peak:.2f} GB/s")
 
     budget = Budget(args.max_seconds if args.max_seconds > 0 else None)
-    runs_left = len(models) * len(MODES) * len(ratios)
+    runs_left = len(models) * len(ratios)
     for model in models:
+        if budget.share(1) < 15.0:  # setting up a model (pinning and filling its layers) takes seconds
+            print(f"\n== {model}: skipped (time budget)")
+            report["models"][model] = {"skipped": "time budget"}
+            runs_left -= len(ratios)
+            continue
         H, I, E = MODELS[model]
         scale = args.scale or (1 if on_gpu else (16 if model == "mixtral" else 8))
         H, I = H // scale, I // scale
@@ -328,47 +312,105 @@ def main(argv=None):
               f"{L * layer_bytes / 2**30:.2f} GiB streamed per step), compute={compute_kind}")
         rows = {ratio: {"ratio_target": ratio, "modes": {}} for ratio in ratios}
         spans = {ratio: {} for ratio in ratios}
-        copy_s = None
-        for mode in ("sync", "full", "uva"):  # sync first: its copies alone are the copy reference
-            with WeightStreamer(device, slots=args.slots, prefetch_depth=args.prefetch_depth, mode=mode,
-                                trace=True) as s:
+        streamers = {}
+        try:
+            for mode in MODES:
+                streamers[mode] = WeightStreamer(device, slots=args.slots, prefetch_depth=args.prefetch_depth,
+                                                 mode=mode, trace=True)
                 for _ in range(L):
-                    s.add_layer(w13, w2)
-                if copy_s is None:
-                    copy_s = copy_only_time(s, L, device)
-                    for ratio in ratios:
-                        row = rows[ratio]
-                        row["tokens"] = tokens = calibrate_tokens(resident, device, compute, dtype, ratio, copy_s / L)
-                        x = torch.randn(tokens, H, dtype=dtype, device=device)
-                        routing = make_routing(tokens, E, device)
-                        row["copy_s"] = copy_s
-                        row["copy_GBps"] = L * layer_bytes / copy_s / 1e9
-                        row["compute_s"] = time_fn(lambda: [compute(x, *resident, routing) for _ in range(L)], device)
-                        if not on_gpu:
-                            t = machine_parallel_time(L, layer_bytes, compute, x, resident, routing, device)
-                            row["machine_best_overlap_ratio"] = t / max(row["copy_s"], row["compute_s"])
-                for ratio in ratios:
-                    row = rows[ratio]
-                    x = torch.randn(row["tokens"], H, dtype=dtype, device=device)
-                    routing = make_routing(row["tokens"], E, device)
-                    runs_left -= 1
-                    passes = budget.passes_for(probe_pass_time(s, L, device, x, compute, routing), runs_left + 1,
-                                               args.passes)
-                    if passes < 1:
-                        row["modes"][mode] = {"skipped": "time budget: one pass would not fit"}
-                        print(f"  {mode} compute/copy {ratio:g}: skipped (time budget)")
+                    streamers[mode].add_layer(w13, w2)
+            sync_s = streamers["sync"]
+            copy_pass(sync_s, L)
+            copy_probe_s = time_fn(lambda: copy_pass(sync_s, L), device, repeats=2)
+            if not on_gpu:
+                src = torch.empty(layer_bytes, dtype=torch.uint8).fill_(1)
+                dst = torch.empty_like(src)
+            for ratio in ratios:
+                row = rows[ratio]
+                runs_left -= 1
+                row["tokens"] = tokens = calibrate_tokens(resident, device, compute, dtype, ratio, copy_probe_s / L)
+                x = torch.randn(tokens, H, dtype=dtype, device=device)
+                routing = make_routing(tokens, E, device)
+                # Every kind of pass, interleaved round-robin below so that a shared machine's changing
+                # load falls on all of them alike; each reports its best pass.
+                kinds = {"copy": lambda: copy_pass(sync_s, L),
+                         "compute": lambda: [compute(x, *resident, routing) for _ in range(L)]}
+                if not on_gpu:
+                    kinds["machine"] = lambda: machine_parallel_pass(L, src, dst, compute, x, resident, routing)
+                for mode in MODES:
+                    kinds[mode] = (lambda s: lambda: stream_pass(s, L, x, compute, routing))(streamers[mode])
+                estimate = {k: time_fn(f, device, repeats=1) for k, f in kinds.items() if k not in MODES}
+                share = budget.share(runs_left + 1)
+                for mode in MODES:
+                    if mode == "uva" and on_gpu:
+                        # A GEMM re-reads each weight tile about once per 128 tokens; in uva each read
+                        # crosses PCIe. Don't even probe when that alone would blow the budget.
+                        guess = L * layer_bytes * max(1.0, tokens / 128) / (peak * 1e9)
+                        if guess * 3 > share:
+                            estimate[mode] = guess
+                            continue
+                    estimate[mode] = probe_pass_time(streamers[mode], L, device, x, compute, routing)
+                # uva on a GPU re-reads host memory over PCIe for every tile and can be very slow: when a
+                # warm-up and two passes of everything would not fit the budget, it is left out first.
+                if sum(estimate.values()) * 3 > share:
+                    row["modes"]["uva"] = {"skipped": f"time budget: a pass takes ~{estimate['uva']:.1f} s"}
+                    print(f"  uva at compute/copy {ratio:g}: skipped (a pass takes ~{estimate['uva']:.1f} s)")
+                    del kinds["uva"], estimate["uva"]
+                passes = budget.passes_for(sum(estimate.values()), runs_left + 1, args.passes)
+                if passes < 1:
+                    print(f"  compute/copy {ratio:g}: skipped (time budget)")
+                    row["skipped"] = "time budget"
+                    continue
+                for f in kinds.values():
+                    f()  # warm-up round: fills every pipeline
+                synchronize(device)
+                times = {k: [] for k in kinds}
+                moved = {m: [0, 0.0] for m in MODES}  # bytes copied, compute-stream wait ms: streamed passes only
+                order = list(kinds)
+                for p in range(passes):
+                    for k in order[p % len(order):] + order[:p % len(order)]:
+                        before = streamers[k].stats() if k in MODES else None
+                        synchronize(device)
+                        t0 = time.perf_counter()
+                        kinds[k]()
+                        synchronize(device)
+                        times[k].append(time.perf_counter() - t0)
+                        if before is not None:  # (the copy-only passes also run on the sync streamer)
+                            after = streamers[k].stats()
+                            moved[k][0] += after["bytes_copied"] - before["bytes_copied"]
+                            moved[k][1] += after["wait_ms"] - before["wait_ms"]
+                row["copy_s"], row["compute_s"] = min(times["copy"]), min(times["compute"])
+                row["copy_GBps"] = L * layer_bytes / row["copy_s"] / 1e9
+                ideal = max(row["copy_s"], row["compute_s"])
+                if "machine" in times:
+                    row["machine_best_overlap_ratio"] = min(times["machine"]) / ideal
+                for mode in MODES:
+                    if mode not in kinds:
                         continue
-                    r = timed_passes(s, L, device, x, compute, routing, passes)
-                    r["passes"] = passes
-                    r["overlap_ratio"] = r["step_s"] / max(row["copy_s"], row["compute_s"])
-                    r["GBps"] = r["bytes_per_step"] / r["step_s"] / 1e9
-                    r["host_bytes"], r["device_bytes"] = s.host_bytes, s.device_bytes
-                    spans[ratio][mode] = r
-                    row["modes"][mode] = {k: v for k, v in r.items() if k != "spans"}
+                    s = streamers[mode]
+                    synchronize(device)
+                    for _ in range(2):  # two consecutive passes for the timeline (the timed ones are interleaved)
+                        stream_pass(s, L, x, compute, routing)
+                    synchronize(device)
+                    s.synchronize()
+                    after = s.stats()
+                    step = min(times[mode])
+                    r = {"step_s": step, "step_s_median": statistics.median(times[mode]), "step_s_all": times[mode],
+                         "passes": passes,
+                         "bytes_per_step": moved[mode][0] / passes, "wait_ms_per_step": moved[mode][1] / passes,
+                         "overlap_ratio": step / ideal, "host_bytes": s.host_bytes, "device_bytes": s.device_bytes}
+                    r["GBps"] = r["bytes_per_step"] / step / 1e9
+                    row["modes"][mode] = r
+                    spans[ratio][mode] = dict(r, spans=last_passes_spans(after, L))
+        finally:
+            for st in streamers.values():
+                st.close()
         for ratio in ratios:
             row = rows[ratio]
             if "step_s" in row["modes"].get("sync", {}) and "step_s" in row["modes"].get("full", {}):
                 row["speedup_full_vs_sync"] = row["modes"]["sync"]["step_s"] / row["modes"]["full"]["step_s"]
+            if "copy_s" not in row:
+                continue
             png = png_dir / f"timeline_{model}_ratio{ratio:g}_{'gpu' if on_gpu else 'cpu'}.png"
             plot_timeline(spans[ratio], png, f"{model} (H={H}, I={I}, E={E}, L={L}, {dtype}), compute/copy = "
                           f"{row['compute_s'] / row['copy_s']:.2f}, {report['device_name']}")
@@ -380,6 +422,9 @@ def main(argv=None):
               + " | ".join(f"{m + ' step ms':>13} {'GB/s':>6} {'overlap':>7}" for m in MODES)
               + " | full vs sync" + ("" if on_gpu else " | machine best overlap"))
         for row in rows:
+            if "copy_s" not in row:
+                print(f"{row['ratio_target']:>12} skipped: {row.get('skipped')}")
+                continue
             cells = []
             for m in MODES:
                 r = row["modes"].get(m, {})
