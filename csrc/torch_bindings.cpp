@@ -29,9 +29,12 @@ TORCH_LIBRARY(moe_swap, m) {
   // Create a streamer: mode "full" (copy engine + N-slot ring + prefetch), "sync" (baseline: vLLM
   // legacy cpu_offload_gb) or "uva" (baseline: kernels read mapped pinned memory). The test_* knobs
   // are for tests only: a random per-chunk copy delay (CPU backend) and the index of a copy that fails.
+  // policy "on_demand": only routed experts move, into an expert cache of cache_bytes (eviction
+  // "lru", "lfu" or "flru"); the ring is not used.
   m.def(
       "streamer_create(str device, int slots=2, int prefetch_depth=1, str mode=\"full\", bool trace=False, "
-      "bool timing=True, int test_copy_delay_us=0, int test_fail_copy_at=-1) -> int");
+      "bool timing=True, int test_copy_delay_us=0, int test_fail_copy_at=-1, str policy=\"full\", "
+      "int cache_bytes=0, str eviction=\"lru\") -> int");
   // Destroy a streamer: waits for its in-flight copies, then frees its host store and slots.
   m.def("streamer_destroy(int handle) -> ()");
   // Allocate a layer's exact-size host storage (w13 [E,2I,H], w2 [E,H,I]); returns its index. Fill with streamer_write.
@@ -52,13 +55,30 @@ TORCH_LIBRARY(moe_swap, m) {
   m.def("streamer_release(int handle, int layer, Tensor[] after) -> ()");
   // Host waits for every in-flight copy (tests and benchmarks; never in the steady state).
   m.def("streamer_synchronize(int handle) -> ()");
-  // Statistics: per layer int64 [L, 8] (bytes_copied, copies_issued, chunks_issued, acquires, hits,
-  // demand_copies, wait_ns, waits_timed) and trace float64 [n, 5] (layer, slot, kind, start_us, end_us).
+  // Statistics: per layer int64 [L, 15] (bytes_copied, copies_issued, chunks_issued, acquires, hits,
+  // demand_copies, wait_ns, waits_timed, expert_hits, expert_misses, evictions, predicted,
+  // predicted_used, routed_distinct, ids_to_host_ns) and trace float64 [n, 5] (layer, slot, kind,
+  // start_us, end_us).
   m.def("streamer_stats(int handle) -> (Tensor per_layer, Tensor trace)");
   // [num_layers, host_bytes, device_bytes, slot_bytes, slots, prefetch_depth, untimed_spans]
   m.def("streamer_info(int handle) -> int[]");
   // [live streamers, live host-store bytes, live host-store blocks] in this process (leak checks).
   m.def("streamer_live_counts() -> int[]");
+  // on_demand: copy the routed experts not cached (host reads topk_ids: a sync on CUDA); returns the
+  // expert cache's pool w13 [N,2I,H], w2 [N,H,I] and expert_map int32 [E] (-1: not routed), valid
+  // until streamer_release_experts.
+  m.def("streamer_acquire_experts(int handle, int layer, Tensor topk_ids) -> (Tensor w13, Tensor w2, Tensor expert_map)");
+  // on_demand: the step's experts may be evicted once the current stream's work so far is done.
+  m.def("streamer_release_experts(int handle, int layer, Tensor[] after) -> ()");
+  // on_demand, one opaque op (traces with a shape-only fake kernel): acquire_experts, fused_moe on
+  // the pool with the expert_map, release_experts.
+  m.def(
+      "streamer_moe(int handle, int layer, Tensor hidden_states, Tensor topk_weights, Tensor topk_ids, "
+      "str activation=\"silu\") -> Tensor");
+  // on_demand: start copying the experts in expert_ids (the layer's predicted routing) ahead; a hint.
+  m.def("streamer_predict(int handle, int layer, Tensor expert_ids) -> ()");
+  // on_demand: ([pool slots, capacity slots, occupied slots, bytes per expert], (layer, expert) per slot [N, 2]).
+  m.def("streamer_cache_state(int handle) -> (int[], Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_swap, CPU, m) {
@@ -90,6 +110,11 @@ TORCH_LIBRARY_IMPL(moe_swap, CompositeExplicitAutograd, m) {
   m.impl("streamer_stats", &st::streamer_stats);
   m.impl("streamer_info", &st::streamer_info);
   m.impl("streamer_live_counts", &st::streamer_live_counts);
+  m.impl("streamer_acquire_experts", &st::streamer_acquire_experts);
+  m.impl("streamer_release_experts", &st::streamer_release_experts);
+  m.impl("streamer_moe", &st::streamer_moe);
+  m.impl("streamer_predict", &st::streamer_predict);
+  m.impl("streamer_cache_state", &st::streamer_cache_state);
 }
 
 // `import moe_swap._C` loads this library, whose static initialisers above register the ops.

@@ -32,7 +32,10 @@ __all__ = ["WeightStreamer"]
 _LAYER_META: dict[int, list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]]] = {}
 
 _STATS_COLUMNS = ("bytes_copied", "copies_issued", "chunks_issued", "acquires", "hits", "demand_copies",
-                  "wait_ns", "waits_timed")
+                  "wait_ns", "waits_timed", "expert_hits", "expert_misses", "evictions", "predicted",
+                  "predicted_used", "routed_distinct", "ids_to_host_ns")
+POLICIES = ("full", "on_demand")
+EVICTIONS = ("lru", "lfu", "flru")
 _SPAN_KINDS = ("copy", "wait", "hold")
 
 
@@ -58,10 +61,25 @@ def _prefetch_fake(handle, layer):
     return None
 
 
+# on_demand: which experts move depends on the routed ids (data), so the whole step -- acquire the
+# routed experts, fused_moe on the cache, release -- is one opaque op; its output is shaped like the
+# hidden states, so it traces under torch.compile(fullgraph=True) without a graph break.
+@torch.library.register_fake("moe_swap::streamer_moe")
+def _moe_fake(handle, layer, hidden_states, topk_weights, topk_ids, activation="silu"):
+    torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be 2-D, got {hidden_states.dim()}-D")
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("moe_swap::streamer_predict")
+def _predict_fake(handle, layer, expert_ids):
+    return None
+
+
 # acquire/prefetch/release act on the streamer, not only on their outputs: the graph must keep them
 # (no dead-code elimination) even when a result is unused.
 for _op in (torch.ops.moe_swap.streamer_acquire.default, torch.ops.moe_swap.streamer_prefetch.default,
-            torch.ops.moe_swap.streamer_release.default):
+            torch.ops.moe_swap.streamer_release.default, torch.ops.moe_swap.streamer_moe.default,
+            torch.ops.moe_swap.streamer_predict.default):
     torch.fx.node.has_side_effect(_op)
 
 
@@ -82,6 +100,14 @@ class WeightStreamer:
             before each copied chunk.
         test_fail_copy_at: FOR TESTS: the copy with this index (0-based, counting every layer copy)
             fails; the error surfaces at the acquire of that layer.
+        policy: ``"full"`` (whole layers through the ring) or ``"on_demand"``: only the experts the
+            batch routed to move, into an expert cache (a pool of expert-sized device slots shared by
+            every layer), and :meth:`moe` runs ``fused_moe`` on the pool with an ``expert_map``.
+        cache_bytes: on_demand: bytes of experts the cache keeps between steps (``0``: none). A step
+            whose distinct experts exceed it still runs: the pool grows to the step's working set and
+            the slots beyond the budget are emptied when the step ends.
+        eviction: on_demand: ``"lru"``, ``"lfu"`` (uses over the whole run) or ``"flru"``
+            (frequency-weighted LRU: uses decayed with a half-life of 4 forward passes).
 
     Use: ``i = s.add_layer(w13, w2)`` for each layer, then per forward and layer
     ``w13, w2 = s.acquire(i)`` ... compute ... ``s.release(i)``. The views are valid until release.
@@ -96,7 +122,8 @@ class WeightStreamer:
 
     def __init__(self, device: Union[str, torch.device] = "cuda", slots: int = 2, prefetch_depth: int = 1,
                  mode: str = "full", *, trace: bool = False, timing: bool = True, test_copy_delay_us: int = 0,
-                 test_fail_copy_at: int = -1) -> None:
+                 test_fail_copy_at: int = -1, policy: str = "full", cache_bytes: int = 0,
+                 eviction: str = "lru") -> None:
         self._handle: Optional[int] = None
         dev = torch.device(device)
         if dev.type == "cuda":
@@ -108,13 +135,21 @@ class WeightStreamer:
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {str(device)!r}")
         if mode not in ("full", "sync", "uva"):
             raise ValueError(f"mode must be 'full', 'sync' or 'uva', got {mode!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+        self.policy = policy
+        self.eviction = eviction
         self.device = dev
         self.mode = mode
         self.slots = int(slots)
         self.prefetch_depth = int(prefetch_depth)
         self._handle = torch.ops.moe_swap.streamer_create(
             str(dev), self.slots, self.prefetch_depth, mode, bool(trace), bool(timing), int(test_copy_delay_us),
-            int(test_fail_copy_at))
+            int(test_fail_copy_at), policy, int(cache_bytes), eviction)
         _LAYER_META[self._handle] = []
 
     # ---- lifetime ----
@@ -266,6 +301,39 @@ class WeightStreamer:
         """CPU copies of the layer's weights as held in the host store."""
         return torch.ops.moe_swap.streamer_host_copy(self.handle, layer)
 
+    # ---- policy on_demand ----
+    def acquire_experts(self, layer: int, topk_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Copy the distinct experts in ``topk_ids`` that are not cached; returns the cache's pool
+        ``(w13 [N, 2I, H], w2 [N, H, I])`` and ``expert_map`` int32 ``[E]`` (expert -> pool slot, -1
+        when not routed this step), valid until :meth:`release_experts`. The host reads the ids (on
+        CUDA a device->host copy, i.e. a sync). Eager only (no fake kernel: the pool's size depends on
+        the data); compiled code uses :meth:`moe`."""
+        return torch.ops.moe_swap.streamer_acquire_experts(self.handle, layer, topk_ids)
+
+    def release_experts(self, layer: int, after: Sequence[Tensor] = ()) -> None:
+        """End the layer's step: its slots may be reused once the current stream's work so far is
+        done; the cache is trimmed back to its budget."""
+        torch.ops.moe_swap.streamer_release_experts(self.handle, layer, list(after))
+
+    def moe(self, layer: int, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+            activation: str = "silu") -> Tensor:
+        """One on_demand MoE step: acquire the routed experts, ``fused_moe`` on the cache with the
+        ``expert_map``, release. One opaque op: traces under ``torch.compile(fullgraph=True)``."""
+        return torch.ops.moe_swap.streamer_moe(self.handle, layer, hidden_states, topk_weights, topk_ids,
+                                               activation)
+
+    def predict(self, layer: int, expert_ids: Tensor) -> None:
+        """Start copying the experts in ``expert_ids`` (a guess at ``layer``'s next routing) that are
+        not cached; a hint. Its recall shows in ``stats()`` (``predicted_used / routed_distinct``)."""
+        torch.ops.moe_swap.streamer_predict(self.handle, layer, expert_ids)
+
+    def cache_state(self) -> dict:
+        """The expert cache: pool slots, capacity (slots kept between steps), occupied slots, bytes
+        per expert, and ``(layer, expert)`` per slot (``-1, -1``: empty)."""
+        info, table = torch.ops.moe_swap.streamer_cache_state(self.handle)
+        return {"slots": info[0], "capacity": info[1], "occupied": info[2], "expert_bytes": info[3],
+                "entries": [tuple(r) for r in table.tolist()]}
+
     # ---- numbers ----
     def _info(self) -> list[int]:
         return torch.ops.moe_swap.streamer_info(self.handle)
@@ -298,6 +366,11 @@ class WeightStreamer:
         for row in table.tolist():
             entry = dict(zip(_STATS_COLUMNS, row))
             entry["wait_ms"] = entry.pop("wait_ns") / 1e6
+            entry["ids_to_host_ms"] = entry.pop("ids_to_host_ns") / 1e6
+            lookups = entry["expert_hits"] + entry["expert_misses"]
+            entry["hit_rate"] = entry["expert_hits"] / lookups if lookups else 0.0
+            entry["prediction_recall"] = (entry["predicted_used"] / entry["routed_distinct"]
+                                          if entry["routed_distinct"] else 0.0)
             layers.append(entry)
         out = {
             "mode": self.mode, "device": str(self.device), "slots": info[4], "prefetch_depth": info[5],
@@ -308,6 +381,15 @@ class WeightStreamer:
             "untimed_spans": info[6],
             "layers": layers,
         }
+        if self.policy == "on_demand":
+            hits = sum(l["expert_hits"] for l in layers)
+            misses = sum(l["expert_misses"] for l in layers)
+            routed = sum(l["routed_distinct"] for l in layers)
+            out.update(policy=self.policy, eviction=self.eviction, expert_hits=hits, expert_misses=misses,
+                       evictions=sum(l["evictions"] for l in layers), hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+                       predicted=sum(l["predicted"] for l in layers),
+                       prediction_recall=sum(l["predicted_used"] for l in layers) / routed if routed else 0.0,
+                       ids_to_host_ms=sum(l["ids_to_host_ms"] for l in layers))
         out["trace"] = [{"layer": int(r[0]), "slot": int(r[1]), "kind": _SPAN_KINDS[int(r[2])], "start_us": r[3],
                          "end_us": r[4]} for r in trace.tolist()]
         return out
@@ -316,7 +398,7 @@ class WeightStreamer:
         if self._handle is None:
             return "WeightStreamer(closed)"
         return (f"WeightStreamer(device={str(self.device)!r}, slots={self.slots}, prefetch_depth={self.prefetch_depth}, "
-                f"mode={self.mode!r}, layers={self.num_layers}, host_bytes={self.host_bytes})")
+                f"mode={self.mode!r}, policy={self.policy!r}, layers={self.num_layers}, host_bytes={self.host_bytes})")
 
 
 def live_counts() -> dict:

@@ -3,8 +3,10 @@
 #include "streaming/streamer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
 #include <limits>
 #include <sstream>
@@ -16,10 +18,22 @@ namespace {
 
 constexpr int kNotHeld = -1;
 constexpr int kHeldWithoutSlot = -2;  // uva: the layer is held, its views read host memory directly
+constexpr int kHeldExperts = -3;      // on_demand: the layer's experts are pinned in the expert cache
 
 // Neighbouring experts are merged into one copy until a chunk reaches this size: per-expert chunks
 // let a consumer start on landed experts, and merging keeps 128 tiny experts from costing 256 calls.
 constexpr size_t kMinChunkBytes = size_t{1} << 20;
+
+Policy parse_policy(c10::string_view policy) {
+  if (policy == "full") return Policy::kFull;
+  if (policy == "on_demand") return Policy::kOnDemand;
+  TORCH_CHECK(false, "policy must be \"full\" or \"on_demand\", got \"", std::string(policy), "\"");
+}
+
+// on_demand copy channels (the backend's per-slot event pairs; the ring is unused under on_demand):
+// routed misses on one, predictions on the other. One copy engine runs both in issue order.
+constexpr int kDemandChannel = 0;
+constexpr int kPredictChannel = 1;
 
 Mode parse_mode(c10::string_view mode) {
   if (mode == "full") return Mode::kFull;
@@ -44,10 +58,18 @@ std::string held_layers_str(const std::vector<int>& held_slot) {
 }  // namespace
 
 Streamer::Streamer(c10::Device device, int64_t slots, int64_t prefetch_depth, Mode mode, bool trace, bool timing,
-                   int64_t test_copy_delay_us, int64_t test_fail_copy_at)
+                   int64_t test_copy_delay_us, int64_t test_fail_copy_at, Policy policy, int64_t cache_bytes,
+                   Eviction eviction)
     : mode_(mode), num_slots_(slots), prefetch_depth_(prefetch_depth), trace_(trace),
-      test_fail_copy_at_(test_fail_copy_at) {
+      test_fail_copy_at_(test_fail_copy_at), policy_(policy), cache_bytes_(cache_bytes), cache_(eviction) {
   TORCH_CHECK(slots >= 1 && slots <= 64, "slots must be in [1, 64], got ", slots);
+  TORCH_CHECK(cache_bytes >= 0, "cache_bytes must be >= 0, got ", cache_bytes);
+  if (policy == Policy::kOnDemand) {
+    TORCH_CHECK(mode == Mode::kFull, "policy \"on_demand\" needs mode \"full\" (the copy engine), got mode \"",
+                mode == Mode::kSync ? "sync" : "uva", "\"");
+    TORCH_CHECK(slots >= 2, "policy \"on_demand\" needs slots >= 2 (copy channels for demand and prediction), got ",
+                slots);
+  }
   if (mode == Mode::kFull) {
     TORCH_CHECK(prefetch_depth >= 0 && prefetch_depth <= slots - 1, "prefetch_depth must be in [0, slots - 1] = [0, ",
                 slots - 1, "] (one slot is always the layer being computed), got ", prefetch_depth);
@@ -88,7 +110,26 @@ void Streamer::check_layer(const char* op, int64_t layer) const {
 
 int64_t Streamer::reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_shape, at::ScalarType dtype) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (policy_ == Policy::kOnDemand && store_.num_layers() > 0) {
+    // One pool serves every layer, so every expert must have the same shape and dtype.
+    const std::vector<int64_t> w13(w13_shape.begin() + std::min<size_t>(1, w13_shape.size()), w13_shape.end());
+    const std::vector<int64_t> w2(w2_shape.begin() + std::min<size_t>(1, w2_shape.size()), w2_shape.end());
+    TORCH_CHECK(w13 == pool_w13_shape_ && w2 == pool_w2_shape_ && dtype == pool_dtype_,
+                "policy on_demand: every layer's experts must have the same shape and dtype (one expert cache "
+                "serves all layers); layer 0 has w13 experts ", c10::IntArrayRef(pool_w13_shape_), ", w2 experts ",
+                c10::IntArrayRef(pool_w2_shape_), ", ", pool_dtype_, "; got w13 ", w13_shape, ", w2 ", w2_shape, ", ",
+                dtype);
+  }
   const int64_t layer = store_.reserve(*backend_, w13_shape, w2_shape, dtype);
+  if (layer == 0) {
+    const LayerLayout& l = store_.layout(0);
+    pool_w13_shape_ = {2 * l.intermediate, l.hidden};
+    pool_w2_shape_ = {l.hidden, l.intermediate};
+    pool_dtype_ = l.dtype;
+    const std::vector<int64_t> per_expert = pool_expert_bytes();
+    cache_.set_capacity(cache_bytes_ / (per_expert[0] + per_expert[1]));
+  }
+  cache_.add_layer(store_.layout(layer).num_experts);
   layer_stats_.emplace_back();
   held_slot_.push_back(kNotHeld);
   return layer;
@@ -99,6 +140,12 @@ void Streamer::write(int64_t layer, int64_t which, int64_t expert_start, int64_t
   check_layer("write", layer);
   TORCH_CHECK(held_slot_[layer] == kNotHeld, "write(", layer, "): layer ", layer,
               " is acquired; release it before changing its weights");
+  if (policy_ == Policy::kOnDemand) {
+    backend_->drain();
+    for (int64_t i = 0; i < cache_.num_slots(); ++i) {
+      if (cache_.slot_layer(i) == layer) cache_.drop(i);  // its cached experts are stale now
+    }
+  }
   const int s = find_slot(layer);
   if (s >= 0) {
     backend_->drain();  // no copy may read the host block while it changes
@@ -245,6 +292,8 @@ std::tuple<at::Tensor, at::Tensor> Streamer::slot_views(int slot, int64_t layer)
 std::tuple<at::Tensor, at::Tensor> Streamer::acquire(int64_t layer) {
   std::lock_guard<std::mutex> lock(mu_);
   check_layer("acquire", layer);
+  TORCH_CHECK(policy_ == Policy::kFull, "acquire(", layer, "): this streamer has policy on_demand; use "
+              "acquire_experts(layer, topk_ids) (or streamer_moe)");
   const LayerLayout& l = store_.layout(layer);
   TORCH_CHECK(store_.bytes_written(layer) >= l.host_bytes(), "acquire(", layer, "): layer ", layer, " has ",
               store_.bytes_written(layer), " of its ", l.host_bytes(), " bytes written; fill it with write() first");
@@ -313,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor> Streamer::acquire(int64_t layer) {
 void Streamer::prefetch(int64_t layer) {
   std::lock_guard<std::mutex> lock(mu_);
   check_layer("prefetch", layer);
-  if (mode_ != Mode::kFull) return;  // the baselines have no copy engine to run ahead
+  if (mode_ != Mode::kFull || policy_ != Policy::kFull) return;  // on_demand prefetches by predict()  // the baselines have no copy engine to run ahead
   TORCH_CHECK(store_.bytes_written(layer) >= store_.layout(layer).host_bytes(), "prefetch(", layer, "): layer ",
               layer, " is not fully written yet");
   if (held_slot_[layer] != kNotHeld || find_slot(layer) >= 0) return;
@@ -365,8 +414,10 @@ std::tuple<at::Tensor, at::Tensor> Streamer::stats() {
   auto t = table.accessor<int64_t, 2>();
   for (int64_t i = 0; i < L; ++i) {
     const LayerStats& s = layer_stats_[i];
-    const int64_t row[kLayerStatsColumns] = {s.bytes_copied, s.copies_issued, s.chunks_issued, s.acquires,
-                                             s.hits,         s.demand_copies, s.wait_ns,       s.waits_timed};
+    const int64_t row[kLayerStatsColumns] = {s.bytes_copied,   s.copies_issued, s.chunks_issued,  s.acquires,
+                                             s.hits,           s.demand_copies, s.wait_ns,        s.waits_timed,
+                                             s.expert_hits,    s.expert_misses, s.evictions,      s.predicted,
+                                             s.predicted_used, s.routed_distinct, s.ids_to_host_ns};
     for (int c = 0; c < kLayerStatsColumns; ++c) t[i][c] = row[c];
   }
   at::Tensor trace = at::empty({static_cast<int64_t>(trace_spans_.size()), 5}, at::kDouble);
@@ -384,13 +435,239 @@ std::tuple<at::Tensor, at::Tensor> Streamer::stats() {
 
 std::vector<int64_t> Streamer::info() {
   std::lock_guard<std::mutex> lock(mu_);
+  const int64_t pool_bytes = pool_memory_[0].defined() ? pool_memory_[0].nbytes() + pool_memory_[1].nbytes() : 0;
   return {store_.num_layers(),
           static_cast<int64_t>(store_.host_bytes()),
-          static_cast<int64_t>(slot_memory_.size() * slot_bytes()),
+          static_cast<int64_t>(slot_memory_.size() * slot_bytes()) + pool_bytes,
           static_cast<int64_t>(slot_bytes()),
           num_slots_,
           prefetch_depth_,
           backend_->untimed_spans()};
+}
+
+// ---- policy on_demand: the expert cache ----
+
+std::vector<int64_t> Streamer::pool_expert_bytes() const {
+  const int64_t item = static_cast<int64_t>(c10::elementSize(pool_dtype_));
+  return {pool_w13_shape_[0] * pool_w13_shape_[1] * item, pool_w2_shape_[0] * pool_w2_shape_[1] * item};
+}
+
+std::vector<int64_t> Streamer::distinct_ids_on_host(const char* op, int64_t layer, const at::Tensor& ids) {
+  TORCH_CHECK(ids.defined(), op, "(", layer, "): topk_ids is undefined");
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op, "(", layer,
+              "): topk_ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.device().is_cpu() || ids.device() == backend_->device(), op, "(", layer,
+              "): topk_ids must be on the CPU or on the streamer's device ", backend_->device(), ", got ", ids.device());
+  const auto t0 = std::chrono::steady_clock::now();
+  // On CUDA this is the device->host copy that makes the host wait for the router: measured below.
+  const at::Tensor host = ids.to(at::kCPU).to(at::kLong).contiguous();
+  const auto t1 = std::chrono::steady_clock::now();
+  layer_stats_[layer].ids_to_host_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
+  const int64_t E = store_.layout(layer).num_experts;
+  std::vector<char> seen(E, 0);
+  std::vector<int64_t> distinct;
+  const int64_t* v = host.data_ptr<int64_t>();
+  for (int64_t i = 0; i < host.numel(); ++i) {
+    TORCH_CHECK(v[i] >= 0 && v[i] < E, op, "(", layer, "): topk_ids must be expert ids in [0, ", E, ") (layer ",
+                layer, " has ", E, " experts), got ", v[i], " at flat position ", i);
+    if (!seen[v[i]]) {
+      seen[v[i]] = 1;
+      distinct.push_back(v[i]);
+    }
+  }
+  return distinct;
+}
+
+// The pool holds max(cache capacity, the largest step's distinct experts) slots: a step never fails
+// for lack of room (a zero-byte cache still works: its step's experts live in working-set slots that
+// are emptied when the step ends). Growing re-allocates the pool, so it drains the copy engine and
+// forgets what was cached (counted as evictions); it happens only when a step needs more than ever before.
+void Streamer::ensure_pool(int64_t slots_needed) {
+  const int64_t n = std::max(cache_.capacity(), slots_needed);
+  if (pool_memory_[0].defined() && cache_.num_slots() >= n) return;
+  backend_->drain();
+  for (int64_t i = 0; i < cache_.num_slots(); ++i) {
+    if (cache_.slot_layer(i) != ExpertCache::kEmpty) layer_stats_[cache_.slot_layer(i)].evictions += 1;
+  }
+  cache_.clear();
+  const std::vector<int64_t> per_expert = pool_expert_bytes();
+  pool_memory_ = {backend_->allocate_slot(static_cast<size_t>(n * per_expert[0])),
+                  backend_->allocate_slot(static_cast<size_t>(n * per_expert[1]))};
+  cache_.resize(n);
+  predicted_pending_.clear();
+}
+
+void Streamer::add_expert_chunks(CopyPlan& plan, int64_t layer, int64_t expert, int64_t slot) const {
+  const std::vector<int64_t> per_expert = pool_expert_bytes();
+  for (int which = 0; which < 2; ++which) {
+    const size_t bytes = static_cast<size_t>(per_expert[which]);
+    const uint8_t* src = store_.block(layer, which)->data + expert * bytes;
+    uint8_t* dst = static_cast<uint8_t*>(pool_memory_[which].data_ptr()) + slot * bytes;
+    plan.bytes += bytes;
+    // Neighbouring experts into neighbouring slots: one larger copy (fewer calls, full link rate).
+    bool merged = false;
+    for (auto it = plan.chunks.rbegin(); it != plan.chunks.rend() && it != plan.chunks.rbegin() + 2; ++it) {
+      if (it->src + it->bytes == src && it->dst + it->bytes == dst) {
+        it->bytes += bytes;
+        merged = true;
+        break;
+      }
+    }
+    if (!merged) plan.chunks.push_back({src, dst, bytes});
+  }
+}
+
+void Streamer::issue_expert_plan(CopyPlan& plan, int channel) {
+  plan.slot = channel;
+  plan.inject_fault = copies_issued_total_ == test_fail_copy_at_;
+  ++copies_issued_total_;
+  LayerStats& st = layer_stats_[plan.layer];
+  st.bytes_copied += static_cast<int64_t>(plan.bytes);
+  st.copies_issued += 1;
+  st.chunks_issued += static_cast<int64_t>(plan.chunks.size());
+  backend_->issue_copy(plan);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t layer, const at::Tensor& topk_ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_layer("acquire_experts", layer);
+  TORCH_CHECK(policy_ == Policy::kOnDemand, "acquire_experts(", layer,
+              "): this streamer has policy full; use acquire(layer) (create it with policy=\"on_demand\")");
+  const LayerLayout& l = store_.layout(layer);
+  TORCH_CHECK(store_.bytes_written(layer) >= l.host_bytes(), "acquire_experts(", layer, "): layer ", layer, " has ",
+              store_.bytes_written(layer), " of its ", l.host_bytes(), " bytes written; fill it with write() first");
+  TORCH_CHECK(held_slot_[layer] == kNotHeld, "acquire_experts(", layer, "): layer ", layer,
+              " is already acquired; release_experts it first");
+  collect_spans(/*block=*/false);
+  const std::vector<int64_t> distinct = distinct_ids_on_host("acquire_experts", layer, topk_ids);
+  LayerStats& st = layer_stats_[layer];
+  st.acquires += 1;
+  ensure_pool(static_cast<int64_t>(distinct.size()));
+  const int64_t now = ++clock_;
+  const int64_t ticks_per_pass = store_.num_layers();
+
+  std::vector<int32_t> expert_map(l.num_experts, -1);
+  std::vector<int64_t> misses;
+  for (int64_t e : distinct) {
+    const int64_t s = cache_.find(layer, e);
+    if (s < 0) {
+      misses.push_back(e);
+      continue;
+    }
+    st.expert_hits += 1;
+    if (cache_.slot_predicted(s)) st.predicted_used += 1;
+    cache_.touch(s, now, ticks_per_pass);  // pinned: no miss below can take its slot
+    expert_map[e] = static_cast<int32_t>(s);
+  }
+  CopyPlan plan{layer, kDemandChannel, 0, {}, false};
+  std::vector<int64_t> assigned;
+  for (int64_t e : misses) {
+    int64_t evicted_layer = -1;
+    const int64_t s = cache_.take_slot(now, ticks_per_pass, evicted_layer);
+    // ensure_pool gave at least |distinct| slots and only this step's experts are pinned
+    TORCH_INTERNAL_ASSERT(s >= 0, "expert cache: no slot for expert ", e, " of layer ", layer);
+    if (evicted_layer >= 0) layer_stats_[evicted_layer].evictions += 1;
+    cache_.assign(s, layer, e, /*predicted=*/false);
+    cache_.touch(s, now, ticks_per_pass);
+    add_expert_chunks(plan, layer, e, s);
+    assigned.push_back(s);
+    expert_map[e] = static_cast<int32_t>(s);
+  }
+  st.expert_misses += static_cast<int64_t>(misses.size());
+  st.routed_distinct += static_cast<int64_t>(distinct.size());
+  if (!plan.chunks.empty()) st.demand_copies += 1;
+  st.hits += plan.chunks.empty() ? 1 : 0;
+  cache_.end_prediction(layer);
+
+  try {
+    if (!plan.chunks.empty()) issue_expert_plan(plan, kDemandChannel);
+    if (!predicted_pending_.empty()) {
+      try {
+        backend_->wait_ready(kPredictChannel, layer);
+      } catch (...) {
+        for (int64_t s : predicted_pending_) cache_.drop(s);  // the predicted experts never landed
+        predicted_pending_.clear();
+        throw;
+      }
+      predicted_pending_.clear();
+    }
+    backend_->wait_ready(kDemandChannel, layer);
+  } catch (...) {
+    for (int64_t s : assigned) cache_.drop(s);
+    cache_.unpin_all();
+    throw;
+  }
+  held_slot_[layer] = kHeldExperts;
+  cursor_ = layer;
+
+  const int64_t N = cache_.num_slots();
+  at::Tensor map = at::from_blob(expert_map.data(), {l.num_experts}, at::kInt).clone();
+  if (!backend_->device().is_cpu()) map = map.to(backend_->device(), /*non_blocking=*/false);
+  at::Tensor w13 = pool_memory_[0].view(l.dtype).view({N, pool_w13_shape_[0], pool_w13_shape_[1]});
+  at::Tensor w2 = pool_memory_[1].view(l.dtype).view({N, pool_w2_shape_[0], pool_w2_shape_[1]});
+  return {w13, w2, map};
+}
+
+void Streamer::release_experts(int64_t layer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_layer("release_experts", layer);
+  TORCH_CHECK(held_slot_[layer] == kHeldExperts, "release_experts(", layer, "): layer ", layer,
+              " is not acquired by acquire_experts (release without acquire, or released twice)");
+  held_slot_[layer] = kNotHeld;
+  // Later copies into these slots are ordered after the compute queued so far: issue_copy forks the
+  // copy stream from the current stream.
+  backend_->record_free(-1, layer);
+  for (int64_t evicted_layer : cache_.trim(clock_, store_.num_layers())) layer_stats_[evicted_layer].evictions += 1;
+}
+
+void Streamer::predict(int64_t layer, const at::Tensor& expert_ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_layer("predict", layer);
+  TORCH_CHECK(policy_ == Policy::kOnDemand, "predict(", layer, "): only policy on_demand predicts experts");
+  TORCH_CHECK(store_.bytes_written(layer) >= store_.layout(layer).host_bytes(), "predict(", layer, "): layer ",
+              layer, " is not fully written yet");
+  const std::vector<int64_t> distinct = distinct_ids_on_host("predict", layer, expert_ids);
+  if (!pool_memory_[0].defined() || held_slot_[layer] != kNotHeld) return;  // a hint: nothing to do yet
+  const int64_t now = clock_;
+  const int64_t ticks_per_pass = store_.num_layers();
+  CopyPlan plan{layer, kPredictChannel, 0, {}, false};
+  std::vector<int64_t> assigned;
+  for (int64_t e : distinct) {
+    if (cache_.find(layer, e) >= 0) continue;
+    int64_t evicted_layer = -1;
+    const int64_t s = cache_.take_slot(now, ticks_per_pass, evicted_layer);
+    if (s < 0) break;  // every slot is in use or predicted: predict no further
+    if (evicted_layer >= 0) layer_stats_[evicted_layer].evictions += 1;
+    cache_.assign(s, layer, e, /*predicted=*/true);
+    add_expert_chunks(plan, layer, e, s);
+    assigned.push_back(s);
+  }
+  if (plan.chunks.empty()) return;
+  layer_stats_[layer].predicted += static_cast<int64_t>(assigned.size());
+  try {
+    issue_expert_plan(plan, kPredictChannel);
+  } catch (...) {
+    for (int64_t s : assigned) cache_.drop(s);
+    throw;
+  }
+  predicted_pending_.insert(predicted_pending_.end(), assigned.begin(), assigned.end());
+}
+
+std::tuple<std::vector<int64_t>, at::Tensor> Streamer::cache_state() {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t N = cache_.num_slots();
+  at::Tensor table = at::empty({N, 2}, at::kLong);
+  auto t = table.accessor<int64_t, 2>();
+  for (int64_t i = 0; i < N; ++i) {
+    t[i][0] = cache_.slot_layer(i);
+    t[i][1] = cache_.slot_expert(i);
+  }
+  int64_t expert_bytes = 0;
+  if (!pool_w13_shape_.empty()) {
+    const std::vector<int64_t> per_expert = pool_expert_bytes();
+    expert_bytes = per_expert[0] + per_expert[1];
+  }
+  return {{N, cache_.capacity(), cache_.occupied(), expert_bytes}, table};
 }
 
 // ---- handle registry and op entry points ----
@@ -420,8 +697,11 @@ std::shared_ptr<Streamer> lookup(int64_t handle) {
 }  // namespace
 
 int64_t streamer_create(c10::string_view device, int64_t slots, int64_t prefetch_depth, c10::string_view mode,
-                        bool trace, bool timing, int64_t test_copy_delay_us, int64_t test_fail_copy_at) {
+                        bool trace, bool timing, int64_t test_copy_delay_us, int64_t test_fail_copy_at,
+                        c10::string_view policy, int64_t cache_bytes, c10::string_view eviction) {
   const Mode m = parse_mode(mode);
+  const Policy p = parse_policy(policy);
+  const Eviction ev = parse_eviction(std::string(eviction));
   c10::Device dev(c10::kCPU);
   try {
     dev = c10::Device(std::string(device));
@@ -429,7 +709,7 @@ int64_t streamer_create(c10::string_view device, int64_t slots, int64_t prefetch
     TORCH_CHECK(false, "device must be \"cpu\" or \"cuda[:index]\", got \"", std::string(device), "\"");
   }
   auto streamer = std::make_shared<Streamer>(dev, slots, prefetch_depth, m, trace, timing, test_copy_delay_us,
-                                             test_fail_copy_at);
+                                             test_fail_copy_at, p, cache_bytes, ev);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   const int64_t handle = r.next_handle++;
@@ -491,6 +771,43 @@ void streamer_synchronize(int64_t handle) { lookup(handle)->synchronize(); }
 std::tuple<at::Tensor, at::Tensor> streamer_stats(int64_t handle) { return lookup(handle)->stats(); }
 
 std::vector<int64_t> streamer_info(int64_t handle) { return lookup(handle)->info(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streamer_acquire_experts(int64_t handle, int64_t layer,
+                                                                      const at::Tensor& topk_ids) {
+  return lookup(handle)->acquire_experts(layer, topk_ids);
+}
+
+void streamer_release_experts(int64_t handle, int64_t layer, at::TensorList /*after*/) {
+  lookup(handle)->release_experts(layer);
+}
+
+at::Tensor streamer_moe(int64_t handle, int64_t layer, const at::Tensor& hidden_states, const at::Tensor& topk_weights,
+                        const at::Tensor& topk_ids, c10::string_view activation) {
+  auto streamer = lookup(handle);
+  static const auto fused_moe =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("moe_swap::fused_moe", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view)>();
+  auto [w13, w2, expert_map] = streamer->acquire_experts(layer, topk_ids);
+  at::Tensor out;
+  try {
+    out = fused_moe.call(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation);
+  } catch (...) {
+    streamer->release_experts(layer);
+    throw;
+  }
+  streamer->release_experts(layer);
+  return out;
+}
+
+void streamer_predict(int64_t handle, int64_t layer, const at::Tensor& expert_ids) {
+  lookup(handle)->predict(layer, expert_ids);
+}
+
+std::tuple<std::vector<int64_t>, at::Tensor> streamer_cache_state(int64_t handle) {
+  return lookup(handle)->cache_state();
+}
 
 std::vector<int64_t> streamer_live_counts() {
   int64_t streamers = 0;

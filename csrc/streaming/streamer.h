@@ -13,6 +13,7 @@
 #pragma once
 
 #include "streaming/backend.h"
+#include "streaming/expert_cache.h"
 #include "streaming/host_store.h"
 
 #include <ATen/core/Tensor.h>
@@ -32,6 +33,13 @@ enum class Mode {
   kUva,   // baseline: vLLM's uva offload (kernels read mapped pinned host memory, no copy)
 };
 
+// What moves per step: whole layers through the ScratchRing, or only the routed experts through
+// the expert cache (a pool of expert-sized slots shared by every streamed layer).
+enum class Policy {
+  kFull,      // acquire(layer): the whole layer
+  kOnDemand,  // acquire_experts(layer, topk_ids): the distinct routed experts not already cached
+};
+
 // Per-layer statistics (one row of streamer_stats' table, in this column order).
 struct LayerStats {
   int64_t bytes_copied = 0;
@@ -42,13 +50,22 @@ struct LayerStats {
   int64_t demand_copies = 0;    // acquires that had to start the copy themselves
   int64_t wait_ns = 0;          // time the compute stream waited on this layer's copies
   int64_t waits_timed = 0;
+  // policy on_demand (per step, each distinct routed expert is one lookup)
+  int64_t expert_hits = 0;       // already in the cache (or brought in by a prediction)
+  int64_t expert_misses = 0;     // copied by this step
+  int64_t evictions = 0;         // this layer's experts given up for others (or trimmed to the budget)
+  int64_t predicted = 0;         // experts copied ahead by predict()
+  int64_t predicted_used = 0;    // of those, routed at the layer's next step (recall's numerator)
+  int64_t routed_distinct = 0;   // distinct routed experts over all steps (hits + misses)
+  int64_t ids_to_host_ns = 0;    // time to bring topk_ids to the host (a device sync on CUDA)
 };
-constexpr int kLayerStatsColumns = 8;
+constexpr int kLayerStatsColumns = 15;
 
 class Streamer {
  public:
   Streamer(c10::Device device, int64_t slots, int64_t prefetch_depth, Mode mode, bool trace, bool timing,
-           int64_t test_copy_delay_us, int64_t test_fail_copy_at);
+           int64_t test_copy_delay_us, int64_t test_fail_copy_at, Policy policy, int64_t cache_bytes,
+           Eviction eviction);
   ~Streamer();  // waits for in-flight copies and pending "free" events, then frees
 
   int64_t reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_shape, at::ScalarType dtype);
@@ -58,10 +75,23 @@ class Streamer {
   void prefetch(int64_t layer);
   void release(int64_t layer);
   void synchronize();
+
+  // ---- policy on_demand ----
+  // Copy the distinct experts in `topk_ids` that are not cached into the pool; the current stream
+  // waits for them. Returns the pool (w13 [N, 2I, H], w2 [N, H, I]) and expert_map int32 [E]
+  // (expert -> pool slot, -1 not routed this step), for fused_moe. Valid until release_experts.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> acquire_experts(int64_t layer, const at::Tensor& topk_ids);
+  // The step is over: its slots may be reused once the work queued so far on the current stream is done.
+  void release_experts(int64_t layer);
+  // Start copying the experts in `expert_ids` (any shape, the predicted routing of `layer`'s next
+  // step) that are not cached, on the copy engine; a hint, never waited for here.
+  void predict(int64_t layer, const at::Tensor& expert_ids);
+
   // per-layer [L, kLayerStatsColumns] int64; trace [n, 5] float64 (layer, slot, kind, start_us, end_us)
   std::tuple<at::Tensor, at::Tensor> stats();
   // [num_layers, host_bytes, device_bytes, slot_bytes, slots, prefetch_depth, untimed_spans]
   std::vector<int64_t> info();
+  std::tuple<std::vector<int64_t>, at::Tensor> cache_state();
 
  private:
   struct Slot {
@@ -82,6 +112,12 @@ class Streamer {
   void prefetch_window();
   std::tuple<at::Tensor, at::Tensor> slot_views(int slot, int64_t layer);
   void collect_spans(bool block);
+  // on_demand
+  std::vector<int64_t> distinct_ids_on_host(const char* op, int64_t layer, const at::Tensor& ids);
+  void ensure_pool(int64_t slots_needed);
+  void add_expert_chunks(CopyPlan& plan, int64_t layer, int64_t expert, int64_t slot) const;
+  void issue_expert_plan(CopyPlan& plan, int channel);
+  std::vector<int64_t> pool_expert_bytes() const;
 
   std::mutex mu_;
   const Mode mode_;
@@ -102,6 +138,15 @@ class Streamer {
   std::vector<int> held_slot_;  // per layer: the slot it holds while acquired, or -1 (uva: 0 when held)
   int64_t cursor_ = -1;         // the last acquired layer: prefetch looks ahead from here
   int64_t copies_issued_total_ = 0;
+  // expert cache (policy on_demand): a pool of expert-sized slots, w13 and w2 areas, for all layers
+  const Policy policy_;
+  const int64_t cache_bytes_;
+  ExpertCache cache_;
+  std::array<at::Tensor, 2> pool_memory_;
+  std::vector<int64_t> pool_w13_shape_, pool_w2_shape_;  // per-expert [2I, H] and [H, I]
+  at::ScalarType pool_dtype_ = at::kFloat;
+  int64_t clock_ = 0;               // one tick per acquire_experts: the cache's notion of time
+  std::vector<int64_t> predicted_pending_;  // slots whose predicted copy nobody has waited for yet
   // statistics
   std::vector<LayerStats> layer_stats_;
   std::vector<Span> trace_spans_;
@@ -109,7 +154,8 @@ class Streamer {
 
 // ---- torch op entry points (schemas in csrc/torch_bindings.cpp) ----
 int64_t streamer_create(c10::string_view device, int64_t slots, int64_t prefetch_depth, c10::string_view mode,
-                        bool trace, bool timing, int64_t test_copy_delay_us, int64_t test_fail_copy_at);
+                        bool trace, bool timing, int64_t test_copy_delay_us, int64_t test_fail_copy_at,
+                        c10::string_view policy, int64_t cache_bytes, c10::string_view eviction);
 void streamer_destroy(int64_t handle);
 int64_t streamer_reserve_layer(int64_t handle, at::IntArrayRef w13_shape, at::IntArrayRef w2_shape,
                                at::ScalarType dtype);
@@ -123,6 +169,14 @@ void streamer_release(int64_t handle, int64_t layer, at::TensorList after);
 void streamer_synchronize(int64_t handle);
 std::tuple<at::Tensor, at::Tensor> streamer_stats(int64_t handle);
 std::vector<int64_t> streamer_info(int64_t handle);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streamer_acquire_experts(int64_t handle, int64_t layer,
+                                                                      const at::Tensor& topk_ids);
+void streamer_release_experts(int64_t handle, int64_t layer, at::TensorList after);
+at::Tensor streamer_moe(int64_t handle, int64_t layer, const at::Tensor& hidden_states, const at::Tensor& topk_weights,
+                        const at::Tensor& topk_ids, c10::string_view activation);
+void streamer_predict(int64_t handle, int64_t layer, const at::Tensor& expert_ids);
+// [pool slots, cache capacity slots, occupied slots, expert bytes] and the (layer, expert) per pool slot [N, 2]
+std::tuple<std::vector<int64_t>, at::Tensor> streamer_cache_state(int64_t handle);
 // [live streamers, live host-store bytes, live host-store blocks] across the process (leak tests)
 std::vector<int64_t> streamer_live_counts();
 
