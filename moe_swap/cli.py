@@ -138,7 +138,7 @@ def cmd_demo(args) -> int:
             _free(device)
 
         model = load(folder, device=device, gpu_budget=args.gpu_budget, policy=args.policy, slots=args.slots,
-                     mode=args.mode, dtype=dtype)
+                     mode=args.mode, dtype=dtype, eviction=args.eviction, predict=args.predict)
         report = model.moe_swap_report
         dtype = next(model.parameters()).dtype
         print(report)
@@ -173,6 +173,8 @@ def cmd_demo(args) -> int:
         rows.append(("peak device memory (run)", _fmt_bytes(torch.cuda.max_memory_allocated())))
     print("\nresults")
     print(_table(rows))
+    if report.cache_table():
+        print("\n" + report.cache_table() + "\n  (counted over the warm-up and the timed run)")
     if reference_tokens is None:
         print("\ntoken check skipped (--no-check)")
         return 0
@@ -422,7 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "check the tokens equal the model without offload (exit 1 if not), and print "
                                       "tokens/s, bytes streamed per token, GB/s, copy overlap and memory.")
     model_args(demo)
-    demo.add_argument("--policy", default="full", help="streaming policy (default full)")
+    demo.add_argument("--policy", default="full",
+                      help="full: whole layers through the ring; on_demand: only routed experts, through an "
+                           "expert cache; auto: on demand, whole layers when a step misses most experts "
+                           "(default full)")
+    demo.add_argument("--eviction", default="lru",
+                      help="on_demand/auto: expert-cache eviction lru, lfu or flru (frequency-weighted LRU; default lru)")
+    demo.add_argument("--predict", action="store_true",
+                      help="on_demand/auto: copy the next layer's predicted experts during this layer's compute")
     demo.add_argument("--mode", default="full", choices=("full", "sync", "uva"), help="streamer mode (default full)")
     demo.add_argument("--new-tokens", type=int, default=16, help="tokens to generate per sequence (default 16)")
     demo.add_argument("--batch", type=int, default=1, help="sequences (default 1)")

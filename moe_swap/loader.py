@@ -225,6 +225,8 @@ def load(
     prefetch_depth: int = 1,
     mode: str = "full",
     dtype: Optional[torch.dtype] = None,
+    eviction: str = "lru",
+    predict: bool = False,
 ):
     """Build a model from a safetensors folder with its experts streamed (see :func:`moe_swap.offload`).
 
@@ -240,7 +242,7 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_policy_and_mode(policy, mode)
+    _check_policy_and_mode(policy, mode, eviction)
     dev = _check_device(device)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"path={path!r} has no config.json (expected a Hugging Face checkpoint folder)")
@@ -303,7 +305,8 @@ def load(
         report = _offload(
             model, family, layers, lambda layer: _read_layer_experts(layer, family, index, dtype),
             element_size, dev, gpu_budget, policy, mode, slots, prefetch_depth, move_rest=True,
-            add_streamed=lambda layer, streamer: _stream_layer_experts(layer, family, index, dtype, streamer))
+            add_streamed=lambda layer, streamer: _stream_layer_experts(layer, family, index, dtype, streamer),
+            eviction=eviction, predict=predict)
     report.load = {
         "seconds": time.perf_counter() - started,
         "peak_host_bytes": peak_host_memory(),

@@ -209,3 +209,14 @@ def drop_expert_parameters(layer: MoELayer) -> None:
     else:
         # the replaced block forward no longer touches the expert MLPs
         del layer.block.experts
+
+
+def router_module(layer: MoELayer, family: Family) -> nn.Module:
+    """The block's router (``gate``): a module whose ``weight`` is ``[E, H]`` in every supported family
+    and both transformers layouts (an ``nn.Linear`` in 4.x, a top-k router module in 5.x)."""
+    gate = getattr(layer.block, "gate", None)
+    weight = getattr(gate, "weight", None)
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (layer.num_experts, layer.hidden_size):
+        raise ValueError(f"{family.name}: decoder layer {layer.layer_index}'s MoE block has no router 'gate' with a "
+                         f"weight [{layer.num_experts}, {layer.hidden_size}] (found {type(gate).__name__})")
+    return gate

@@ -29,8 +29,8 @@ from .planner import format_bytes, plan_placement
 
 __all__ = ["offload", "OffloadReport", "POLICIES", "MODES"]
 
-POLICIES = ("full",)
-_LATER_POLICIES = ("on_demand", "auto")
+POLICIES = ("full", "on_demand", "auto")
+EVICTIONS = ("lru", "lfu", "flru")
 MODES = ("full", "sync", "uva")
 EXPERTS_IMPLEMENTATION = "moe_swap"
 
@@ -54,6 +54,9 @@ class OffloadReport:
     expert_bytes: int  # all routed experts of the model
     gpu_budget: Optional[int]
     warnings: list[str] = field(default_factory=list)
+    cache_bytes: int = 0  # policy on_demand: the expert cache's byte budget
+    eviction: str = ""  # policy on_demand: the cache's eviction policy
+    predict: bool = False  # policy on_demand: next-layer prediction on
     load: Optional[dict] = None  # filled by moe_swap.load: seconds, peak host memory
     streamer: Any = field(default=None, repr=False)
 
@@ -73,6 +76,11 @@ class OffloadReport:
             ("resident layers", _ranges(self.resident_layers) or "none"),
             ("streamed layers", _ranges(self.streamed_layers) or "none"),
             ("ring slots", f"{self.slots} x {format_bytes(self.slot_bytes)}" if self.slots else "none"),
+        ]
+        if self.policy in ("on_demand", "auto"):
+            rows.append(("expert cache", f"{format_bytes(self.cache_bytes)}, eviction {self.eviction}, prediction "
+                                         f"{'on' if self.predict else 'off'}"))
+        rows += [
             ("device weights", format_bytes(self.device_bytes)
              + (f" (budget {format_bytes(self.gpu_budget)})" if self.gpu_budget is not None else "")),
             (host_kind, format_bytes(self.pinned_bytes)),
@@ -86,6 +94,29 @@ class OffloadReport:
         lines = ["moe_swap offload"] + [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def cache_table(self) -> str:
+        """Per streamed layer: expert-cache hits, misses, hit rate, bytes copied, evictions, prediction
+        recall, and time spent bringing the routed ids to the host (policy on_demand; '' otherwise)."""
+        if self.policy not in ("on_demand", "auto") or self.streamer is None:
+            return ""
+        stats = self.streamer.stats()
+        header = ("layer", "hits", "misses", "hit rate", "copied", "evictions", "predicted", "recall", "ids->host",
+                  "whole-layer copies")
+        rows = []
+        for position, entry in zip(self.streamed_layers, stats["layers"]):
+            rows.append((str(position), str(entry["expert_hits"]), str(entry["expert_misses"]),
+                         f"{100 * entry['hit_rate']:.1f}%", format_bytes(entry["bytes_copied"]),
+                         str(entry["evictions"]), str(entry["predicted"]),
+                         f"{100 * entry['prediction_recall']:.1f}%", f"{entry['ids_to_host_ms']:.2f} ms",
+                         str(entry["layer_copies"])))
+        rows.append(("all", str(stats["expert_hits"]), str(stats["expert_misses"]), f"{100 * stats['hit_rate']:.1f}%",
+                     format_bytes(stats["bytes_copied"]), str(stats["evictions"]), str(stats["predicted"]),
+                     f"{100 * stats['prediction_recall']:.1f}%", f"{stats['ids_to_host_ms']:.2f} ms",
+                     str(stats["layer_copies"])))
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        fmt = lambda r: "  " + "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+        return "\n".join(["expert cache per streamed layer", fmt(header)] + [fmt(r) for r in rows])
 
 
 def _ranges(indices: list[int]) -> str:
@@ -113,6 +144,10 @@ class _LayerExperts:
         self.index = index
         self.w13_name = w13_name
         self.w2_name = w2_name
+        # on_demand prediction: the next MoE layer's router weight [E, H] and its streamer index
+        self.next_router: Optional[nn.Module] = None
+        self.next_index: Optional[int] = None
+        self.next_top_k = 0
 
     def run(self, holder: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor,
             topk_ids: torch.Tensor) -> torch.Tensor:
@@ -121,6 +156,13 @@ class _LayerExperts:
         if self.streamer is None:
             return fused_moe(hidden, getattr(holder, self.w13_name), getattr(holder, self.w2_name),
                              weights, ids, activation=self.activation)
+        if self.streamer.policy != "full":
+            if self.next_router is not None:
+                # the next layer's router on this layer's input: its likely experts start copying now,
+                # under this layer's compute
+                logits = F.linear(hidden, self.next_router.weight.to(hidden.dtype))
+                self.streamer.predict(self.next_index, torch.topk(logits, self.next_top_k, dim=-1).indices)
+            return self.streamer.moe(self.index, hidden, weights, ids, self.activation)
         # `after` orders acquire after the layer's input and release after its output in a compiled graph
         w13, w2 = self.streamer.acquire(self.index, after=[hidden])
         out = fused_moe(hidden, w13, w2, weights, ids, activation=self.activation)
@@ -187,16 +229,17 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
     return dev
 
 
-def _check_policy_and_mode(policy: str, mode: str) -> None:
-    if policy in _LATER_POLICIES:
-        raise ValueError(f"policy={policy!r} (expert-granular streaming) is not implemented yet; "
-                         f"supported policies: {', '.join(POLICIES)}")
+def _check_policy_and_mode(policy: str, mode: str, eviction: str = "lru") -> None:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)} (full: double-buffered streaming; sync: "
                          f"copy then compute, vLLM's legacy cpu offload; uva: kernels read pinned host "
                          f"memory), got {mode!r}")
+    if policy != "full" and mode != "full":
+        raise ValueError(f"policy={policy!r} needs mode='full' (copies on the copy engine), got mode={mode!r}")
+    if eviction not in EVICTIONS:
+        raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -220,6 +263,8 @@ def _offload(
     prefetch_depth: int,
     move_rest: bool,
     add_streamed: Optional[Callable] = None,
+    eviction: str = "lru",
+    predict: bool = False,
 ) -> OffloadReport:
     """Shared by offload() (experts read from the model) and load() (experts read from a checkpoint).
 
@@ -231,18 +276,24 @@ def _offload(
     base_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers())
                      if id(t) not in expert_params)
     layer_bytes = [layer.expert_numel() * expert_element_size for layer in layers]
-    plan = plan_placement(layer_bytes, base_bytes, gpu_budget, slots)
+    plan = plan_placement(layer_bytes, base_bytes, gpu_budget, slots, policy=policy)
 
     streamer = None
     if plan.streamed:
         from . import WeightStreamer  # the streamer lives in its own module; imported when needed
 
-        streamer = WeightStreamer(device=str(device), slots=plan.slots, prefetch_depth=prefetch_depth,
-                                  mode=mode)
+        if policy != "full":
+            # the ring is unused on demand; its two event channels carry demand and predicted copies
+            streamer = WeightStreamer(device=str(device), slots=2, prefetch_depth=1, mode=mode, policy=policy,
+                                      cache_bytes=plan.cache_bytes, eviction=eviction)
+        else:
+            streamer = WeightStreamer(device=str(device), slots=plan.slots, prefetch_depth=prefetch_depth,
+                                      mode=mode)
 
     streamed = set(plan.streamed)
     if layers and layers[0].fused:
         _register_experts_implementation()
+    states: dict[int, _LayerExperts] = {}
     for position, layer in enumerate(layers):
         if position in streamed:
             if add_streamed is not None:
@@ -252,6 +303,7 @@ def _offload(
                 index = streamer.add_layer(w13, w2)
                 del w13, w2
             state = _LayerExperts(activation, streamer=streamer, index=index)
+            states[position] = state
             models.drop_expert_parameters(layer)
             _install(layer, family, config, state)
             continue
@@ -271,11 +323,19 @@ def _offload(
 
     if move_rest:
         model.to(device)
+    if predict and policy != "full":
+        for position, state in states.items():
+            following = states.get(position + 1)  # the next MoE layer, when it streams too
+            if following is not None:
+                state.next_router = models.router_module(layers[position + 1], family)
+                state.next_index = following.index
+                state.next_top_k = family.routing(config).top_k
     model._moe_swap_streamer = streamer  # keeps the HostStore and ring alive as long as the model
 
     device_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
     if streamer is not None and mode != "uva":
-        device_bytes += plan.slots * plan.slot_bytes  # the ring (allocated at the first acquire)
+        # the ring or the expert cache (allocated at the first acquire)
+        device_bytes += plan.slots * plan.slot_bytes + plan.cache_bytes
     report = OffloadReport(
         model_type=config.model_type,
         device=str(device),
@@ -293,6 +353,9 @@ def _offload(
         gpu_budget=plan.budget,
         warnings=list(plan.warnings),
         streamer=streamer,
+        cache_bytes=plan.cache_bytes,
+        eviction=eviction if policy != "full" else "",
+        predict=bool(predict and policy != "full"),
     )
     model.moe_swap_report = report
     for message in report.warnings:
@@ -323,6 +386,8 @@ def offload(
     slots: int = 2,
     prefetch_depth: int = 1,
     mode: str = "full",
+    eviction: str = "lru",
+    predict: bool = False,
 ) -> OffloadReport:
     """Stream a Hugging Face MoE model's experts from host memory; returns a report.
 
@@ -334,10 +399,17 @@ def offload(
         gpu_budget: bytes for weights on the device (int, or a string such as ``"20GiB"``): the planner
             keeps as many layers' experts resident as fit and streams the rest. None streams every
             MoE layer.
-        policy: ``"full"`` streams whole layers (the expert-granular policies come later).
+        policy: ``"full"`` streams whole layers through the ring; ``"on_demand"`` copies only the
+            experts each step routes to, into a device expert cache that gets every byte of
+            ``gpu_budget`` the planner leaves over (see :func:`moe_swap.planner.plan_placement`);
+            ``"auto"``: on demand, but a step that misses most experts (a prefill) copies the whole
+            layer in one copy, by a cost model measured on this machine.
         slots: ScratchRing slots (>= 2).
         prefetch_depth: streamed layers copied ahead (1..slots-1).
         mode: the streamer's mode: ``"full"`` (double-buffered), or the ``"sync"``/``"uva"`` baselines.
+        eviction: on_demand: the cache's eviction policy, ``"lru"``, ``"lfu"`` or ``"flru"``.
+        predict: on_demand: apply the next MoE layer's router to this layer's input and start copying
+            its likely experts during this layer's compute (recall in ``report.cache_table()``).
 
     The expert parameters are removed from the model (their memory is freed once nothing else holds
     them); the model is modified in place and keeps working with ``model.generate`` and
@@ -347,7 +419,7 @@ def offload(
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     if getattr(model, "moe_swap_report", None) is not None:
         raise ValueError("this model has already been offloaded by moe_swap; offload a fresh model")
-    _check_policy_and_mode(policy, mode)
+    _check_policy_and_mode(policy, mode, eviction)
     dev = _check_device(device)
     family = models.family_for_config(model.config)
     layers = models.find_moe_layers(model, family)
@@ -357,4 +429,5 @@ def offload(
     element_size = models.expert_parameters(layers[0], family)[0].element_size() if layers else 0
     with torch.no_grad():
         return _offload(model, family, layers, lambda layer: models.take_expert_weights(layer, family),
-                        element_size, dev, gpu_budget, policy, mode, slots, prefetch_depth, move_rest=True)
+                        element_size, dev, gpu_budget, policy, mode, slots, prefetch_depth, move_rest=True,
+                        eviction=eviction, predict=predict)

@@ -73,17 +73,18 @@ class Plan:
 
     resident: list[int]
     streamed: list[int]
-    slots: int  # ScratchRing slots (0 when nothing is streamed)
+    slots: int  # ScratchRing slots (0 when nothing is streamed, and under policy on_demand)
     slot_bytes: int  # bytes of one slot: the largest streamed layer
     base_bytes: int  # non-expert weights on the device
     resident_expert_bytes: int
     budget: Optional[int]
     warnings: list[str] = field(default_factory=list)
+    cache_bytes: int = 0  # policy on_demand: the expert cache (kept between steps)
 
     @property
     def device_bytes(self) -> int:
-        """Planned device memory for weights: non-expert + resident experts + ring slots."""
-        return self.base_bytes + self.resident_expert_bytes + self.slots * self.slot_bytes
+        """Planned device memory for weights: non-expert + resident experts + ring slots + expert cache."""
+        return self.base_bytes + self.resident_expert_bytes + self.slots * self.slot_bytes + self.cache_bytes
 
 
 def plan_placement(
@@ -91,6 +92,7 @@ def plan_placement(
     base_bytes: int,
     gpu_budget: Union[None, int, str] = None,
     slots: int = 2,
+    policy: str = "full",
 ) -> Plan:
     """Decide which MoE layers stay resident and which are streamed.
 
@@ -101,11 +103,20 @@ def plan_placement(
         gpu_budget: bytes for weights on the device (int or a string such as ``"20GiB"``), or None to
             stream every MoE layer.
         slots: ScratchRing slots (>= 2: one computing, one filling).
+        policy: ``"full"`` (streamed layers pass through ``slots`` ring slots) or ``"on_demand"``
+            (routed experts pass through an expert cache). On demand, the streamed layers need room
+            for one step's working set -- at most one whole layer (a prefill touches every expert) --
+            instead of ``slots`` layers, and every byte left over goes to the expert cache; with no
+            budget the cache gets the bytes that ``full`` would give the ring (``slots`` layers).
 
     The fewest layers are streamed that make the rest fit; they are spread evenly. A budget that
     holds every expert streams nothing (with a warning); one too small for the non-expert weights
-    plus ``slots`` copies of the largest layer raises ``ValueError`` naming the minimum.
+    plus ``slots`` copies (on demand: one copy) of the largest layer raises ``ValueError`` naming the
+    minimum.
     """
+    if policy not in ("full", "on_demand", "auto"):
+        raise ValueError(f"policy must be 'full', 'on_demand' or 'auto', got {policy!r}")
+    on_demand = policy != "full"  # auto places like on_demand
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 2:
         raise ValueError(f"slots must be an int >= 2 (one slot computing while the next fills), got {slots!r}")
     layer_bytes = [int(b) for b in layer_bytes]
@@ -119,6 +130,8 @@ def plan_placement(
                     ["the model has no MoE layers; nothing was offloaded"])
 
     if gpu_budget is None:
+        if on_demand:
+            return Plan([], list(range(num_layers)), 0, 0, base_bytes, 0, None, cache_bytes=slots * max(layer_bytes))
         return Plan([], list(range(num_layers)), slots, max(layer_bytes), base_bytes, 0, None)
 
     budget = parse_bytes(gpu_budget)
@@ -128,13 +141,15 @@ def plan_placement(
                     [f"gpu_budget={format_bytes(budget)} holds every expert (the whole model needs "
                      f"{format_bytes(everything)}); no layer is streamed, nothing was offloaded"])
 
-    minimum = base_bytes + slots * max(layer_bytes)
+    copies = 1 if on_demand else slots
+    minimum = base_bytes + copies * max(layer_bytes)
     if budget < minimum:
+        what = ("one step's working set (at most the largest MoE layer, " if on_demand
+                else f"{slots} slots of the largest MoE layer (")
         raise ValueError(
             f"gpu_budget={format_bytes(budget)} ({budget} bytes) is too small: the non-expert weights "
-            f"({format_bytes(base_bytes)}) plus {slots} slots of the largest MoE layer "
-            f"({format_bytes(max(layer_bytes))} each) need at least {format_bytes(minimum)} "
-            f"({minimum} bytes)"
+            f"({format_bytes(base_bytes)}) plus {what}{format_bytes(max(layer_bytes))} each) need at least "
+            f"{format_bytes(minimum)} ({minimum} bytes)"
         )
 
     for num_streamed in range(1, num_layers + 1):
@@ -143,6 +158,9 @@ def plan_placement(
         resident = [i for i in range(num_layers) if i not in streamed_set]
         slot_bytes = max(layer_bytes[i] for i in streamed)
         resident_bytes = sum(layer_bytes[i] for i in resident)
-        if base_bytes + resident_bytes + slots * slot_bytes <= budget:
+        if base_bytes + resident_bytes + copies * slot_bytes <= budget:
+            if on_demand:
+                return Plan(resident, streamed, 0, 0, base_bytes, resident_bytes, budget,
+                            cache_bytes=budget - base_bytes - resident_bytes)
             return Plan(resident, streamed, slots, slot_bytes, base_bytes, resident_bytes, budget)
     raise AssertionError("streaming every layer fits by the minimum check above")

@@ -33,8 +33,8 @@ _LAYER_META: dict[int, list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype,
 
 _STATS_COLUMNS = ("bytes_copied", "copies_issued", "chunks_issued", "acquires", "hits", "demand_copies",
                   "wait_ns", "waits_timed", "expert_hits", "expert_misses", "evictions", "predicted",
-                  "predicted_used", "routed_distinct", "ids_to_host_ns")
-POLICIES = ("full", "on_demand")
+                  "predicted_used", "routed_distinct", "ids_to_host_ns", "layer_copies")
+POLICIES = ("full", "on_demand", "auto")
 EVICTIONS = ("lru", "lfu", "flru")
 _SPAN_KINDS = ("copy", "wait", "hold")
 
@@ -103,6 +103,10 @@ class WeightStreamer:
         policy: ``"full"`` (whole layers through the ring) or ``"on_demand"``: only the experts the
             batch routed to move, into an expert cache (a pool of expert-sized device slots shared by
             every layer), and :meth:`moe` runs ``fused_moe`` on the pool with an ``expert_map``.
+            ``"auto"``: as on_demand, but a step whose missing experts would cost more as separate
+            copies than the whole layer as one copy (a cost model measured when the cache is first
+            allocated: per-copy overhead and bandwidth) copies the whole layer into slots ``[0, E)``;
+            the pool must hold ``E`` slots for that (else the step goes on demand).
         cache_bytes: on_demand: bytes of experts the cache keeps between steps (``0``: none). A step
             whose distinct experts exceed it still runs: the pool grows to the step's working set and
             the slots beyond the budget are emptied when the step ends.
@@ -332,6 +336,9 @@ class WeightStreamer:
         per expert, and ``(layer, expert)`` per slot (``-1, -1``: empty)."""
         info, table = torch.ops.moe_swap.streamer_cache_state(self.handle)
         return {"slots": info[0], "capacity": info[1], "occupied": info[2], "expert_bytes": info[3],
+                # policy auto's measured cost model (None until the cache is first allocated)
+                "copy_overhead_us": info[4] / 1e3 if info[4] >= 0 else None,
+                "copy_gb_per_s": info[5] / 1e9 if info[5] >= 0 else None,
                 "entries": [tuple(r) for r in table.tolist()]}
 
     # ---- numbers ----
@@ -381,7 +388,7 @@ class WeightStreamer:
             "untimed_spans": info[6],
             "layers": layers,
         }
-        if self.policy == "on_demand":
+        if self.policy in ("on_demand", "auto"):
             hits = sum(l["expert_hits"] for l in layers)
             misses = sum(l["expert_misses"] for l in layers)
             routed = sum(l["routed_distinct"] for l in layers)
@@ -389,7 +396,8 @@ class WeightStreamer:
                        evictions=sum(l["evictions"] for l in layers), hit_rate=hits / (hits + misses) if hits + misses else 0.0,
                        predicted=sum(l["predicted"] for l in layers),
                        prediction_recall=sum(l["predicted_used"] for l in layers) / routed if routed else 0.0,
-                       ids_to_host_ms=sum(l["ids_to_host_ms"] for l in layers))
+                       ids_to_host_ms=sum(l["ids_to_host_ms"] for l in layers),
+                       layer_copies=sum(l["layer_copies"] for l in layers))
         out["trace"] = [{"layer": int(r[0]), "slot": int(r[1]), "kind": _SPAN_KINDS[int(r[2])], "start_us": r[3],
                          "end_us": r[4]} for r in trace.tolist()]
         return out

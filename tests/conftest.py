@@ -21,7 +21,8 @@ def _fresh_seed(request):
 
 # Tests that run real transformers models: CI runs these a second time under transformers 4.57
 # (`pytest -m hf`), whose experts are per-expert ModuleLists instead of 5.x's fused tensors.
-_HF_FILES = {"test_hf_parity.py", "test_offload.py", "test_offload_load.py", "test_cli.py"}
+_HF_FILES = {"test_hf_parity.py", "test_offload.py", "test_offload_load.py", "test_cli.py",
+             "test_offload_on_demand.py"}
 
 
 def pytest_collection_modifyitems(config, items):

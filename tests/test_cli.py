@@ -99,3 +99,10 @@ def test_info_runs(capsys):
     assert "torch" in out and "CUDA kernels built" in out
     if not torch.cuda.is_available():
         assert "need a GPU" in out
+
+
+def test_demo_on_demand_prints_the_cache_table(tiny_config, capsys):
+    assert cli.main(["demo", "--config", tiny_config, "--device", "cpu", "--policy", "on_demand", "--predict",
+                     "--eviction", "flru", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "expert cache per streamed layer" in out and "hit rate" in out and "OK:" in out

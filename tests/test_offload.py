@@ -188,8 +188,9 @@ def test_unsupported_architecture_lists_the_supported_ones():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(policy="on_demand"), "not implemented yet"),
-    (dict(policy="auto"), "not implemented yet"),
+    (dict(policy="on_demand", mode="sync"), "needs mode='full'"),
+    (dict(policy="on_demand", eviction="fifo"), "eviction must be one of lru, lfu, flru"),
+    (dict(policy="auto", mode="uva"), "needs mode='full'"),
     (dict(policy="greedy"), "policy must be one of"),
     (dict(mode="async"), "mode must be one of"),
     (dict(device="tpu"), "device must be"),

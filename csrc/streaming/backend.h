@@ -88,6 +88,9 @@ class StreamBackend {
   virtual void record_free(int slot, int64_t layer) = 0;
   // The host waits until every issued copy has landed and every recorded "free" has fired.
   virtual void drain() = 0;
+  // Cost-model calibration (policy auto): the fastest of `repeats` runs of the plan's chunks on the
+  // copy engine, in seconds, the host blocking until each run lands. Only while nothing is in flight.
+  virtual double time_copy(const CopyPlan& plan, int repeats) = 0;
   // Move finished spans into `out`. block=false never waits on the device.
   virtual void collect(std::vector<Span>& out, bool block) = 0;
   // Spans that could not be timed (too many pending); reported, never waited for.

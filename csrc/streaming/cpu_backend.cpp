@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -116,6 +117,17 @@ class CpuBackend final : public StreamBackend {
   void drain() override {
     std::unique_lock<std::mutex> lock(mu_);
     done_cv_.wait(lock, [&] { return queue_.empty() && !busy_; });
+  }
+
+  double time_copy(const CopyPlan& plan, int repeats) override {
+    drain();
+    double best = 1e30;
+    for (int r = 0; r < repeats; ++r) {
+      const auto t0 = Clock::now();
+      for (const CopyChunk& c : plan.chunks) std::memcpy(c.dst, c.src, c.bytes);
+      best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    return best;
   }
 
   void collect(std::vector<Span>& out, bool /*block*/) override {

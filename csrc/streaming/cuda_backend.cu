@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <deque>
 #include <unordered_map>
 #include <vector>
@@ -166,6 +167,36 @@ class CudaBackend final : public StreamBackend {
     for (cudaEvent_t ev : free_) {
       if (ev != nullptr) C10_CUDA_CHECK(cudaEventSynchronize(ev));
     }
+  }
+
+  double time_copy(const CopyPlan& plan, int repeats) override {
+    c10::cuda::CUDAGuard guard(device_);
+    drain();
+    cudaEvent_t start = nullptr, end = nullptr;
+    C10_CUDA_CHECK(cudaEventCreate(&start));
+    double best = 1e30;
+    try {
+      C10_CUDA_CHECK(cudaEventCreate(&end));
+      for (int r = 0; r < repeats; ++r) {
+        // device-side time of back-to-back copies on the copy stream: what a step's copies cost
+        C10_CUDA_CHECK(cudaEventRecord(start, copy_stream_));
+        for (const CopyChunk& c : plan.chunks) {
+          C10_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyHostToDevice, copy_stream_));
+        }
+        C10_CUDA_CHECK(cudaEventRecord(end, copy_stream_));
+        C10_CUDA_CHECK(cudaEventSynchronize(end));
+        float ms = 0.f;
+        C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, end));
+        best = std::min(best, static_cast<double>(ms) * 1e-3);
+      }
+    } catch (...) {
+      C10_CUDA_CHECK_WARN(cudaEventDestroy(start));
+      if (end != nullptr) C10_CUDA_CHECK_WARN(cudaEventDestroy(end));
+      throw;
+    }
+    C10_CUDA_CHECK(cudaEventDestroy(start));
+    C10_CUDA_CHECK(cudaEventDestroy(end));
+    return best;
   }
 
   void collect(std::vector<Span>& out, bool block) override {

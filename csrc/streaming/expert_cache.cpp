@@ -73,17 +73,22 @@ double ExpertCache::keep_value(const Slot& s, int64_t now, int64_t ticks_per_pas
   return 0.0;
 }
 
-int64_t ExpertCache::take_slot(int64_t now, int64_t ticks_per_pass, int64_t& evicted_layer) {
-  return pick(now, ticks_per_pass, /*occupied_only=*/false, evicted_layer);
+int64_t ExpertCache::take_slot(int64_t now, int64_t ticks_per_pass, bool may_take_predictions,
+                               int64_t& evicted_layer) {
+  const int64_t s = pick(now, ticks_per_pass, /*occupied_only=*/false, /*include_predicted=*/false, evicted_layer);
+  if (s >= 0 || !may_take_predictions) return s;
+  // A routed expert outranks a guess: take a slot some prediction for a later layer holds.
+  return pick(now, ticks_per_pass, /*occupied_only=*/false, /*include_predicted=*/true, evicted_layer);
 }
 
-int64_t ExpertCache::pick(int64_t now, int64_t ticks_per_pass, bool occupied_only, int64_t& evicted_layer) {
+int64_t ExpertCache::pick(int64_t now, int64_t ticks_per_pass, bool occupied_only, bool include_predicted,
+                          int64_t& evicted_layer) {
   evicted_layer = -1;
   int64_t best = -1;
   double best_value = std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < num_slots(); ++i) {
     const Slot& s = slots_[i];
-    if (s.pinned || s.predicted) continue;  // used by this step, or a prediction not yet used
+    if (s.pinned || (s.predicted && !include_predicted)) continue;  // used by this step, or a prediction not yet used
     if (occupied_only && s.layer == kEmpty) continue;
     const double v = keep_value(s, now, ticks_per_pass);
     if (v < best_value) {
@@ -127,7 +132,7 @@ std::vector<int64_t> ExpertCache::trim(int64_t now, int64_t ticks_per_pass) {
   std::vector<int64_t> evicted;
   for (int64_t n = occupied(); n > capacity_; --n) {
     int64_t layer = -1;
-    if (pick(now, ticks_per_pass, /*occupied_only=*/true, layer) < 0) break;  // the rest are predictions for the next layers
+    if (pick(now, ticks_per_pass, /*occupied_only=*/true, /*include_predicted=*/false, layer) < 0) break;  // the rest are predictions for the next layers
     evicted.push_back(layer);
   }
   return evicted;

@@ -46,9 +46,10 @@ class ExpertCache {
   // Record a use at time `now` (one step of one layer is one tick) and pin it for the step.
   void touch(int64_t slot, int64_t now, int64_t ticks_per_pass);
   // A slot for a missing expert: an empty one first, else the eviction policy's victim among slots
-  // not pinned by the current step nor holding an unused prediction. Returns -1 when every slot is pinned (the pool must grow).
-  // When a cached expert is given up, `evicted_layer` is set to its layer, else to -1.
-  int64_t take_slot(int64_t now, int64_t ticks_per_pass, int64_t& evicted_layer);
+  // not pinned by the current step nor holding an unused prediction (with may_take_predictions,
+  // those too when nothing else is left). Returns -1 when no slot qualifies. When a cached expert
+  // is given up, `evicted_layer` is set to its layer, else to -1.
+  int64_t take_slot(int64_t now, int64_t ticks_per_pass, bool may_take_predictions, int64_t& evicted_layer);
   // The (empty) slot now holds (layer, expert); `predicted`: brought in ahead by a prediction, kept
   // from eviction until that layer's next step (end_prediction). A routed miss is touch()ed after.
   void assign(int64_t slot, int64_t layer, int64_t expert, bool predicted);
@@ -79,7 +80,8 @@ class ExpertCache {
     double score = 0.0;      // FLRU: decayed use count as of last_use
   };
   static double half_life(int64_t ticks_per_pass);
-  int64_t pick(int64_t now, int64_t ticks_per_pass, bool occupied_only, int64_t& evicted_layer);
+  int64_t pick(int64_t now, int64_t ticks_per_pass, bool occupied_only, bool include_predicted,
+               int64_t& evicted_layer);
   // Lower is evicted first.
   double keep_value(const Slot& s, int64_t now, int64_t ticks_per_pass) const;
   History& history(int64_t layer, int64_t expert) { return history_[layer][expert]; }

@@ -27,7 +27,8 @@ constexpr size_t kMinChunkBytes = size_t{1} << 20;
 Policy parse_policy(c10::string_view policy) {
   if (policy == "full") return Policy::kFull;
   if (policy == "on_demand") return Policy::kOnDemand;
-  TORCH_CHECK(false, "policy must be \"full\" or \"on_demand\", got \"", std::string(policy), "\"");
+  if (policy == "auto") return Policy::kAuto;
+  TORCH_CHECK(false, "policy must be \"full\", \"on_demand\" or \"auto\", got \"", std::string(policy), "\"");
 }
 
 // on_demand copy channels (the backend's per-slot event pairs; the ring is unused under on_demand):
@@ -64,10 +65,10 @@ Streamer::Streamer(c10::Device device, int64_t slots, int64_t prefetch_depth, Mo
       test_fail_copy_at_(test_fail_copy_at), policy_(policy), cache_bytes_(cache_bytes), cache_(eviction) {
   TORCH_CHECK(slots >= 1 && slots <= 64, "slots must be in [1, 64], got ", slots);
   TORCH_CHECK(cache_bytes >= 0, "cache_bytes must be >= 0, got ", cache_bytes);
-  if (policy == Policy::kOnDemand) {
-    TORCH_CHECK(mode == Mode::kFull, "policy \"on_demand\" needs mode \"full\" (the copy engine), got mode \"",
+  if (policy != Policy::kFull) {
+    TORCH_CHECK(mode == Mode::kFull, "policy \"on_demand\"/\"auto\" needs mode \"full\" (the copy engine), got mode \"",
                 mode == Mode::kSync ? "sync" : "uva", "\"");
-    TORCH_CHECK(slots >= 2, "policy \"on_demand\" needs slots >= 2 (copy channels for demand and prediction), got ",
+    TORCH_CHECK(slots >= 2, "policies \"on_demand\" and \"auto\" need slots >= 2 (copy channels for demand and prediction), got ",
                 slots);
   }
   if (mode == Mode::kFull) {
@@ -110,7 +111,7 @@ void Streamer::check_layer(const char* op, int64_t layer) const {
 
 int64_t Streamer::reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_shape, at::ScalarType dtype) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (policy_ == Policy::kOnDemand && store_.num_layers() > 0) {
+  if (policy_ != Policy::kFull && store_.num_layers() > 0) {
     // One pool serves every layer, so every expert must have the same shape and dtype.
     const std::vector<int64_t> w13(w13_shape.begin() + std::min<size_t>(1, w13_shape.size()), w13_shape.end());
     const std::vector<int64_t> w2(w2_shape.begin() + std::min<size_t>(1, w2_shape.size()), w2_shape.end());
@@ -140,7 +141,7 @@ void Streamer::write(int64_t layer, int64_t which, int64_t expert_start, int64_t
   check_layer("write", layer);
   TORCH_CHECK(held_slot_[layer] == kNotHeld, "write(", layer, "): layer ", layer,
               " is acquired; release it before changing its weights");
-  if (policy_ == Policy::kOnDemand) {
+  if (policy_ != Policy::kFull) {
     backend_->drain();
     for (int64_t i = 0; i < cache_.num_slots(); ++i) {
       if (cache_.slot_layer(i) == layer) cache_.drop(i);  // its cached experts are stale now
@@ -292,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor> Streamer::slot_views(int slot, int64_t layer)
 std::tuple<at::Tensor, at::Tensor> Streamer::acquire(int64_t layer) {
   std::lock_guard<std::mutex> lock(mu_);
   check_layer("acquire", layer);
-  TORCH_CHECK(policy_ == Policy::kFull, "acquire(", layer, "): this streamer has policy on_demand; use "
+  TORCH_CHECK(policy_ == Policy::kFull, "acquire(", layer, "): this streamer has policy on_demand/auto; use "
               "acquire_experts(layer, topk_ids) (or streamer_moe)");
   const LayerLayout& l = store_.layout(layer);
   TORCH_CHECK(store_.bytes_written(layer) >= l.host_bytes(), "acquire(", layer, "): layer ", layer, " has ",
@@ -362,7 +363,8 @@ std::tuple<at::Tensor, at::Tensor> Streamer::acquire(int64_t layer) {
 void Streamer::prefetch(int64_t layer) {
   std::lock_guard<std::mutex> lock(mu_);
   check_layer("prefetch", layer);
-  if (mode_ != Mode::kFull || policy_ != Policy::kFull) return;  // on_demand prefetches by predict()  // the baselines have no copy engine to run ahead
+  // the baselines have no copy engine to run ahead; on_demand/auto prefetch by predict()
+  if (mode_ != Mode::kFull || policy_ != Policy::kFull) return;
   TORCH_CHECK(store_.bytes_written(layer) >= store_.layout(layer).host_bytes(), "prefetch(", layer, "): layer ",
               layer, " is not fully written yet");
   if (held_slot_[layer] != kNotHeld || find_slot(layer) >= 0) return;
@@ -417,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor> Streamer::stats() {
     const int64_t row[kLayerStatsColumns] = {s.bytes_copied,   s.copies_issued, s.chunks_issued,  s.acquires,
                                              s.hits,           s.demand_copies, s.wait_ns,        s.waits_timed,
                                              s.expert_hits,    s.expert_misses, s.evictions,      s.predicted,
-                                             s.predicted_used, s.routed_distinct, s.ids_to_host_ns};
+                                             s.predicted_used, s.routed_distinct, s.ids_to_host_ns, s.layer_copies};
     for (int c = 0; c < kLayerStatsColumns; ++c) t[i][c] = row[c];
   }
   at::Tensor trace = at::empty({static_cast<int64_t>(trace_spans_.size()), 5}, at::kDouble);
@@ -495,6 +497,50 @@ void Streamer::ensure_pool(int64_t slots_needed) {
                   backend_->allocate_slot(static_cast<size_t>(n * per_expert[1]))};
   cache_.resize(n);
   predicted_pending_.clear();
+  if (policy_ == Policy::kAuto && copy_bytes_per_s_ < 0) calibrate_copy_cost();
+}
+
+// Time the same bytes as many per-expert copies and as one copy per weight: the difference is the
+// per-copy overhead, the rest the bandwidth. Uses the first pool slots while nothing is cached; on
+// CUDA it blocks the host (once per streamer).
+void Streamer::calibrate_copy_cost() {
+  const int64_t n = std::min<int64_t>({cache_.num_slots(), store_.layout(0).num_experts, 8});
+  const std::vector<int64_t> per_expert = pool_expert_bytes();
+  const double expert_bytes = static_cast<double>(per_expert[0] + per_expert[1]);
+  if (n < 2) {  // nothing to compare: assume copies are all bandwidth (auto then behaves as on_demand)
+    copy_overhead_s_ = 0.0;
+    copy_bytes_per_s_ = 1e12;
+    return;
+  }
+  CopyPlan many{0, kDemandChannel, 0, {}, false};
+  for (int64_t e = 0; e < n; ++e) add_expert_chunks(many, 0, e, e);  // merges: neighbours into neighbours
+  CopyPlan separate{0, kDemandChannel, many.bytes, {}, false};
+  CopyPlan whole{0, kDemandChannel, many.bytes, {}, false};
+  for (int which = 0; which < 2; ++which) {
+    const size_t b = static_cast<size_t>(per_expert[which]);
+    const uint8_t* src = store_.block(0, which)->data;
+    uint8_t* dst = static_cast<uint8_t*>(pool_memory_[which].data_ptr());
+    for (int64_t e = 0; e < n; ++e) separate.chunks.push_back({src + e * b, dst + e * b, b});
+    whole.chunks.push_back({src, dst, n * b});
+  }
+  constexpr int kRepeats = 5;
+  const double t_separate = backend_->time_copy(separate, kRepeats);
+  const double t_whole = backend_->time_copy(whole, kRepeats);
+  const double extra_copies = static_cast<double>(separate.chunks.size() - whole.chunks.size());
+  copy_overhead_s_ = std::max(0.0, (t_separate - t_whole) / extra_copies);
+  const double transfer_s = std::max(t_whole - 2.0 * copy_overhead_s_, 1e-9);
+  copy_bytes_per_s_ = static_cast<double>(n) * expert_bytes / transfer_s;
+}
+
+// policy auto: one copy of the whole layer (2 copies: w13 and w2) against 2 copies per missing expert.
+bool Streamer::whole_layer_is_cheaper(int64_t layer, int64_t misses) const {
+  const int64_t E = store_.layout(layer).num_experts;
+  if (policy_ != Policy::kAuto || misses == 0 || cache_.num_slots() < E || copy_bytes_per_s_ <= 0) return false;
+  const std::vector<int64_t> per_expert = pool_expert_bytes();
+  const double expert_s = static_cast<double>(per_expert[0] + per_expert[1]) / copy_bytes_per_s_;
+  const double on_demand_s = static_cast<double>(misses) * (2.0 * copy_overhead_s_ + expert_s);
+  const double whole_s = 2.0 * copy_overhead_s_ + static_cast<double>(E) * expert_s;
+  return whole_s < on_demand_s;
 }
 
 void Streamer::add_expert_chunks(CopyPlan& plan, int64_t layer, int64_t expert, int64_t slot) const {
@@ -531,8 +577,8 @@ void Streamer::issue_expert_plan(CopyPlan& plan, int channel) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t layer, const at::Tensor& topk_ids) {
   std::lock_guard<std::mutex> lock(mu_);
   check_layer("acquire_experts", layer);
-  TORCH_CHECK(policy_ == Policy::kOnDemand, "acquire_experts(", layer,
-              "): this streamer has policy full; use acquire(layer) (create it with policy=\"on_demand\")");
+  TORCH_CHECK(policy_ != Policy::kFull, "acquire_experts(", layer,
+              "): this streamer has policy full; use acquire(layer) (create it with policy=\"on_demand\" or \"auto\")");
   const LayerLayout& l = store_.layout(layer);
   TORCH_CHECK(store_.bytes_written(layer) >= l.host_bytes(), "acquire_experts(", layer, "): layer ", layer, " has ",
               store_.bytes_written(layer), " of its ", l.host_bytes(), " bytes written; fill it with write() first");
@@ -559,11 +605,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
     cache_.touch(s, now, ticks_per_pass);  // pinned: no miss below can take its slot
     expert_map[e] = static_cast<int32_t>(s);
   }
+  cache_.end_prediction(layer);  // this layer's unused guesses become ordinary (evictable) entries
+  const int64_t miss_count = static_cast<int64_t>(misses.size());
   CopyPlan plan{layer, kDemandChannel, 0, {}, false};
   std::vector<int64_t> assigned;
+  if (whole_layer_is_cheaper(layer, static_cast<int64_t>(misses.size()))) {
+    // One copy per weight: expert e into pool slot e. The layer's cached experts move there too (they
+    // are copied again: the cost model counted that), and whatever else held slots [0, E) is evicted.
+    for (int64_t i = 0; i < cache_.num_slots(); ++i) {
+      const int64_t owner = cache_.slot_layer(i);
+      if (owner == layer || (i < l.num_experts && owner != ExpertCache::kEmpty)) {
+        if (owner != layer) layer_stats_[owner].evictions += 1;
+        cache_.drop(i);
+      }
+    }
+    std::vector<char> routed(l.num_experts, 0);
+    for (int64_t e : distinct) routed[e] = 1;
+    for (int64_t e = 0; e < l.num_experts; ++e) {
+      cache_.assign(e, layer, e, /*predicted=*/false);
+      if (routed[e]) {
+        cache_.touch(e, now, ticks_per_pass);
+        expert_map[e] = static_cast<int32_t>(e);
+      }
+      add_expert_chunks(plan, layer, e, e);  // neighbours merge: one chunk per weight
+      assigned.push_back(e);
+    }
+    st.layer_copies += 1;
+    misses.clear();  // nothing left to place one by one (miss_count keeps the statistic)
+  }
   for (int64_t e : misses) {
     int64_t evicted_layer = -1;
-    const int64_t s = cache_.take_slot(now, ticks_per_pass, evicted_layer);
+    const int64_t s = cache_.take_slot(now, ticks_per_pass, /*may_take_predictions=*/true, evicted_layer);
     // ensure_pool gave at least |distinct| slots and only this step's experts are pinned
     TORCH_INTERNAL_ASSERT(s >= 0, "expert cache: no slot for expert ", e, " of layer ", layer);
     if (evicted_layer >= 0) layer_stats_[evicted_layer].evictions += 1;
@@ -573,11 +645,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
     assigned.push_back(s);
     expert_map[e] = static_cast<int32_t>(s);
   }
-  st.expert_misses += static_cast<int64_t>(misses.size());
+  st.expert_misses += miss_count;
   st.routed_distinct += static_cast<int64_t>(distinct.size());
   if (!plan.chunks.empty()) st.demand_copies += 1;
   st.hits += plan.chunks.empty() ? 1 : 0;
-  cache_.end_prediction(layer);
 
   try {
     if (!plan.chunks.empty()) issue_expert_plan(plan, kDemandChannel);
@@ -623,7 +694,7 @@ void Streamer::release_experts(int64_t layer) {
 void Streamer::predict(int64_t layer, const at::Tensor& expert_ids) {
   std::lock_guard<std::mutex> lock(mu_);
   check_layer("predict", layer);
-  TORCH_CHECK(policy_ == Policy::kOnDemand, "predict(", layer, "): only policy on_demand predicts experts");
+  TORCH_CHECK(policy_ != Policy::kFull, "predict(", layer, "): only policies on_demand and auto predict experts");
   TORCH_CHECK(store_.bytes_written(layer) >= store_.layout(layer).host_bytes(), "predict(", layer, "): layer ",
               layer, " is not fully written yet");
   const std::vector<int64_t> distinct = distinct_ids_on_host("predict", layer, expert_ids);
@@ -635,7 +706,7 @@ void Streamer::predict(int64_t layer, const at::Tensor& expert_ids) {
   for (int64_t e : distinct) {
     if (cache_.find(layer, e) >= 0) continue;
     int64_t evicted_layer = -1;
-    const int64_t s = cache_.take_slot(now, ticks_per_pass, evicted_layer);
+    const int64_t s = cache_.take_slot(now, ticks_per_pass, /*may_take_predictions=*/false, evicted_layer);
     if (s < 0) break;  // every slot is in use or predicted: predict no further
     if (evicted_layer >= 0) layer_stats_[evicted_layer].evictions += 1;
     cache_.assign(s, layer, e, /*predicted=*/true);
@@ -667,7 +738,10 @@ std::tuple<std::vector<int64_t>, at::Tensor> Streamer::cache_state() {
     const std::vector<int64_t> per_expert = pool_expert_bytes();
     expert_bytes = per_expert[0] + per_expert[1];
   }
-  return {{N, cache_.capacity(), cache_.occupied(), expert_bytes}, table};
+  return {{N, cache_.capacity(), cache_.occupied(), expert_bytes,
+           copy_overhead_s_ < 0 ? -1 : static_cast<int64_t>(copy_overhead_s_ * 1e9),
+           copy_bytes_per_s_ < 0 ? -1 : static_cast<int64_t>(copy_bytes_per_s_)},
+          table};
 }
 
 // ---- handle registry and op entry points ----

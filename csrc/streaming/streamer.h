@@ -38,6 +38,7 @@ enum class Mode {
 enum class Policy {
   kFull,      // acquire(layer): the whole layer
   kOnDemand,  // acquire_experts(layer, topk_ids): the distinct routed experts not already cached
+  kAuto,      // as on_demand, but a step that misses many experts copies the whole layer in one copy
 };
 
 // Per-layer statistics (one row of streamer_stats' table, in this column order).
@@ -58,8 +59,9 @@ struct LayerStats {
   int64_t predicted_used = 0;    // of those, routed at the layer's next step (recall's numerator)
   int64_t routed_distinct = 0;   // distinct routed experts over all steps (hits + misses)
   int64_t ids_to_host_ns = 0;    // time to bring topk_ids to the host (a device sync on CUDA)
+  int64_t layer_copies = 0;      // policy auto: steps that copied the whole layer in one copy
 };
-constexpr int kLayerStatsColumns = 15;
+constexpr int kLayerStatsColumns = 16;
 
 class Streamer {
  public:
@@ -118,6 +120,8 @@ class Streamer {
   void add_expert_chunks(CopyPlan& plan, int64_t layer, int64_t expert, int64_t slot) const;
   void issue_expert_plan(CopyPlan& plan, int channel);
   std::vector<int64_t> pool_expert_bytes() const;
+  void calibrate_copy_cost();
+  bool whole_layer_is_cheaper(int64_t layer, int64_t misses) const;
 
   std::mutex mu_;
   const Mode mode_;
@@ -147,6 +151,10 @@ class Streamer {
   at::ScalarType pool_dtype_ = at::kFloat;
   int64_t clock_ = 0;               // one tick per acquire_experts: the cache's notion of time
   std::vector<int64_t> predicted_pending_;  // slots whose predicted copy nobody has waited for yet
+  // policy auto's cost model, measured on this machine when the pool is first allocated:
+  // a copy of b bytes costs copy_overhead_s_ + b / copy_bytes_per_s_
+  double copy_overhead_s_ = -1.0;
+  double copy_bytes_per_s_ = -1.0;
   // statistics
   std::vector<LayerStats> layer_stats_;
   std::vector<Span> trace_spans_;
@@ -175,7 +183,8 @@ void streamer_release_experts(int64_t handle, int64_t layer, at::TensorList afte
 at::Tensor streamer_moe(int64_t handle, int64_t layer, const at::Tensor& hidden_states, const at::Tensor& topk_weights,
                         const at::Tensor& topk_ids, c10::string_view activation);
 void streamer_predict(int64_t handle, int64_t layer, const at::Tensor& expert_ids);
-// [pool slots, cache capacity slots, occupied slots, expert bytes] and the (layer, expert) per pool slot [N, 2]
+// [pool slots, cache capacity slots, occupied slots, expert bytes, copy overhead ns, copy bytes/s] and
+// the (layer, expert) per pool slot [N, 2]; the last two are -1 until policy auto has calibrated
 std::tuple<std::vector<int64_t>, at::Tensor> streamer_cache_state(int64_t handle);
 // [live streamers, live host-store bytes, live host-store blocks] across the process (leak tests)
 std::vector<int64_t> streamer_live_counts();

@@ -1,0 +1,390 @@
+"""Expert-granular streaming benchmark: policies full, on_demand (cold and with a cache) and auto.
+
+A stack of L synthetic MoE layers with realistic shapes (Mixtral-8x7B: H=4096, I=14336, E=8, top-2;
+Qwen3-30B-A3B: H=2048, I=768, E=128, top-8; H and I scaled down on CPU) runs decode steps of a
+routing trace through a WeightStreamer, with moe_swap.fused_moe as the compute. Traces (which is which
+is in every row):
+  uniform    every token picks k distinct experts uniformly;
+  skewed     mild popularity skew that varies by layer, plus token-to-token reuse (DESIGN.md "What
+             real routing looks like"); its measured top-quarter share and reuse are reported;
+  zipf       steep Zipf popularity (exponent 1.2) -- FLATTERING to a cache, reported for comparison;
+  recorded   the routing of the demo model (shipped config, seeded random weights; the Qwen3 shape
+             uses that config with 128 experts, top-8) recorded while it generates.
+Per shape, trace, policy and batch size: bytes copied per token, tokens/s, hit rate, time to bring
+the routed ids to the host, and the cold-cache bytes against the bytes of the distinct routed experts.
+Prediction recall (next layer's router on this layer's input) needs a real router, so it is measured on
+the demo model itself (the recorded trace's model), per shape. A prefill step (all experts touched)
+compares full, on_demand and auto.
+
+Output: a table on stdout, JSON and a bytes-per-token chart (PNG) in --out.
+
+  python benchmarks/bench_expert.py                       # CPU: scaled-down shapes
+  python benchmarks/bench_expert.py --device cuda --out bench_results/expert.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import moe_swap  # noqa: E402
+from moe_swap import WeightStreamer  # noqa: E402
+from moe_swap.ops import fused_moe  # noqa: E402
+
+SHAPES = {  # name: (H, I, E, top_k) of the real model, and the demo config its recorded trace comes from
+    "mixtral": ((4096, 14336, 8, 2), "mixtral_small"),
+    "qwen3": ((2048, 768, 128, 8), "qwen3_moe_small"),
+}
+TRACES = ("uniform", "skewed", "zipf", "recorded")
+POLICIES = ("full", "on_demand_cold", "on_demand", "auto")
+CACHE_SHARE = 0.25  # the cache holds this share of all streamed experts
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- traces
+
+def synthetic_trace(kind: str, layers: int, experts: int, top_k: int, batch: int, steps: int, seed: int) -> torch.Tensor:
+    """[steps, layers, batch, top_k] int32 expert ids."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.empty(steps, layers, batch, top_k, dtype=torch.int32)
+    for layer in range(layers):
+        if kind == "uniform":
+            logp = torch.zeros(experts)
+        elif kind == "skewed":
+            # mild, per-layer skew: log-popularity ~ N(0, s_l^2), s_l in [0.3, 0.9]; every 4th layer hotter
+            s = 0.3 + 0.6 * torch.rand(1, generator=gen).item()
+            if layer % 4 == 3:
+                s = 1.5
+            logp = s * torch.randn(experts, generator=gen)
+        elif kind == "zipf":
+            ranks = torch.randperm(experts, generator=gen).float() + 1
+            logp = -1.2 * torch.log(ranks)
+        else:
+            raise ValueError(kind)
+        reuse = 0.15 if kind == "skewed" else 0.0
+        for b in range(batch):
+            previous: list[int] = []
+            for t in range(steps):
+                chosen: list[int] = []
+                for _ in range(top_k):
+                    candidates = [e for e in previous if e not in chosen]
+                    if candidates and torch.rand(1, generator=gen).item() < reuse:
+                        chosen.append(candidates[int(torch.randint(len(candidates), (1,), generator=gen))])
+                        continue
+                    # Gumbel-max over the experts not chosen yet: a draw from the popularity
+                    g = logp - torch.log(-torch.log(torch.rand(experts, generator=gen).clamp_min(1e-20)))
+                    if chosen:
+                        g[chosen] = -float("inf")
+                    chosen.append(int(g.argmax()))
+                out[t, layer, b] = torch.tensor(chosen, dtype=torch.int32)
+                previous = chosen
+    return out
+
+
+def demo_model(shape: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    (_, _, experts, top_k), config_name = SHAPES[shape]
+    with open(os.path.join(os.path.dirname(moe_swap.__file__), "configs", config_name + ".json")) as f:
+        spec = json.load(f)
+    model_type = spec.pop("model_type")
+    spec.pop("architectures", None)
+    if model_type == "qwen3_moe":
+        spec.update(num_experts=experts, num_experts_per_tok=top_k)
+    config = AutoConfig.for_model(model_type, **spec)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), config
+
+
+def recorded_trace(shape: str, batch: int, steps: int) -> tuple[torch.Tensor, dict]:
+    """The demo model's routing while it generates `steps` tokens per sequence (decode steps only),
+    [steps, layers, batch, top_k]; and the prediction recall of on_demand + predict on the same run."""
+    from moe_swap import offload as offload_module
+
+    model, config = demo_model(shape)
+    report = moe_swap.offload(model, device="cpu", policy="on_demand", predict=True)
+    recorded: list[torch.Tensor] = []
+    original = offload_module._LayerExperts.run
+
+    def run(self, holder, hidden, topk_weights, topk_ids):
+        if hidden.shape[0] == batch:  # decode steps only (the prefill has batch * prompt tokens)
+            recorded.append(topk_ids.to(torch.int32).cpu())
+        return original(self, holder, hidden, topk_weights, topk_ids)
+
+    offload_module._LayerExperts.run = run
+    try:
+        ids = torch.randint(0, config.vocab_size, (batch, 8), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
+                           min_new_tokens=steps + 1, do_sample=False, pad_token_id=0)
+    finally:
+        offload_module._LayerExperts.run = original
+    layers = len(report.streamed_layers)
+    trace = torch.stack(recorded[: steps * layers]).view(steps, layers, batch, -1)
+    stats = report.stats()
+    recall = {"prediction_recall": stats["prediction_recall"],
+              "predicted_layers_recall": _recall_of_predicted_layers(stats)}
+    return trace, recall
+
+
+def _recall_of_predicted_layers(stats: dict) -> float:
+    """Recall over the layers that had a predictor (every streamed layer but the first)."""
+    layers = [l for l in stats["layers"] if l["predicted"] > 0]
+    routed = sum(l["routed_distinct"] for l in layers)
+    return sum(l["predicted_used"] for l in layers) / routed if routed else 0.0
+
+
+def trace_shape_stats(trace: torch.Tensor, experts: int) -> dict:
+    """Top-quarter share of routed slots (25% = uniform) and token-to-token reuse at a layer."""
+    steps, layers, batch, top_k = trace.shape
+    counts = torch.zeros(layers, experts)
+    for layer in range(layers):
+        counts[layer] = torch.bincount(trace[:, layer].flatten().long(), minlength=experts).float()
+    top = counts.sort(dim=1, descending=True).values[:, : max(1, experts // 4)].sum(1) / counts.sum(1)
+    reuse = []
+    for t in range(1, steps):
+        for layer in range(layers):
+            for b in range(batch):
+                prev = set(trace[t - 1, layer, b].tolist())
+                reuse.append(len(prev & set(trace[t, layer, b].tolist())) / top_k)
+    return {"top_quarter_share": float(top.mean()), "top_quarter_share_max": float(top.max()),
+            "reuse": sum(reuse) / len(reuse) if reuse else 0.0, "chance_reuse": top_k / experts}
+
+
+# ---------------------------------------------------------------- runs
+
+def make_layers(H, I, E, layers, dtype):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.empty(E, 2 * I, H, dtype=dtype).uniform_(-0.05, 0.05, generator=gen),
+             torch.empty(E, H, I, dtype=dtype).uniform_(-0.05, 0.05, generator=gen)) for _ in range(layers)]
+
+
+def make_streamer(policy: str, device: str, weights, cache_bytes: int) -> WeightStreamer:
+    if policy == "full":
+        s = WeightStreamer(device, slots=2, prefetch_depth=1)
+    else:
+        s = WeightStreamer(device, policy="auto" if policy == "auto" else "on_demand",
+                           cache_bytes=0 if policy == "on_demand_cold" else cache_bytes)
+    for w13, w2 in weights:
+        s.add_layer(w13, w2)
+    return s
+
+
+def run_steps(s: WeightStreamer, policy: str, trace: torch.Tensor, hidden: torch.Tensor, device: str) -> None:
+    steps, layers, batch, top_k = trace.shape
+    weights = torch.full((batch, top_k), 1.0 / top_k, device=device)
+    ids_all = trace.to(device)
+    for t in range(steps):
+        x = hidden
+        for layer in range(layers):
+            ids = ids_all[t, layer]
+            if policy == "full":
+                w13, w2 = s.acquire(layer, after=[x])
+                out = fused_moe(x, w13, w2, weights, ids)
+                s.release(layer, after=[out])
+            else:
+                out = s.moe(layer, x, weights, ids)
+            x = out
+
+
+def measure(policy, device, weights, trace, warm_steps, cache_bytes, dtype):
+    steps, layers, batch, top_k = trace.shape
+    H = weights[0][0].shape[2]
+    hidden = (torch.randn(batch, H) * 0.1).to(dtype).to(device)
+    with make_streamer(policy, device, weights, cache_bytes) as s:
+        run_steps(s, policy, trace[:warm_steps], hidden, device)
+        synchronize(device)
+        before = s.stats()
+        start = time.perf_counter()
+        run_steps(s, policy, trace[warm_steps:], hidden, device)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        after = s.stats()
+    timed = steps - warm_steps
+    tokens = timed * batch
+    row = {"tokens_per_s": tokens / seconds, "seconds": seconds,
+           "bytes_per_token": (after["bytes_copied"] - before["bytes_copied"]) / tokens}
+    if policy != "full":
+        hits = after["expert_hits"] - before["expert_hits"]
+        misses = after["expert_misses"] - before["expert_misses"]
+        row.update(hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+                   ids_to_host_ms_per_layer_step=(after["ids_to_host_ms"] - before["ids_to_host_ms"]) / (timed * layers),
+                   whole_layer_copies=after["layer_copies"] - before["layer_copies"])
+    return row
+
+
+def distinct_bytes_per_token(trace: torch.Tensor, expert_bytes: int) -> float:
+    steps, layers, batch, _ = trace.shape
+    distinct = sum(len(set(trace[t, l].flatten().tolist())) for t in range(steps) for l in range(layers))
+    return distinct * expert_bytes / (steps * batch)
+
+
+def prefill(device, weights, tokens, cache_bytes, dtype, repeats=3):
+    """One prefill step (`tokens` uniform-routed tokens: every expert touched) per policy: seconds."""
+    layers = len(weights)
+    E = weights[0][0].shape[0]
+    H = weights[0][0].shape[2]
+    top_k = SHAPE_TOPK[E]
+    trace = synthetic_trace("uniform", layers, E, top_k, tokens, 1, seed=7)
+    hidden = (torch.randn(tokens, H) * 0.1).to(dtype).to(device)
+    out = {}
+    for policy in ("full", "on_demand", "auto"):
+        with make_streamer(policy, device, weights, cache_bytes) as s:
+            best = float("inf")
+            for _ in range(repeats):
+                synchronize(device)
+                start = time.perf_counter()
+                run_steps(s, policy, trace, hidden, device)
+                synchronize(device)
+                best = min(best, time.perf_counter() - start)
+            out[policy] = {"seconds": best}
+            if policy == "auto":
+                state = s.cache_state()
+                out[policy].update(copy_overhead_us=state["copy_overhead_us"], copy_gb_per_s=state["copy_gb_per_s"],
+                                   whole_layer_copies=s.stats()["layer_copies"])
+    return out
+
+
+SHAPE_TOPK = {8: 2, 128: 8}
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(results["shapes"])
+    batches = results["batch_sizes"]
+    fig, axes = plt.subplots(len(shapes), len(batches), figsize=(5 * len(batches), 3.6 * len(shapes)), squeeze=False)
+    for i, shape in enumerate(shapes):
+        for j, batch in enumerate(batches):
+            ax = axes[i][j]
+            rows = [r for r in results["shapes"][shape]["runs"] if r["batch"] == batch]
+            traces = [t for t in TRACES if any(r["trace"] == t for r in rows)]
+            width = 0.8 / (len(POLICIES) + 1)
+            for p, policy in enumerate(POLICIES):
+                values = [next((r["bytes_per_token"] / 2**20 for r in rows if r["trace"] == t and r["policy"] == policy), 0)
+                          for t in traces]
+                ax.bar([k + p * width for k in range(len(traces))], values, width, label=policy)
+            bound = [next(r["distinct_bytes_per_token"] / 2**20 for r in rows if r["trace"] == t) for t in traces]
+            ax.bar([k + len(POLICIES) * width for k in range(len(traces))], bound, width, label="distinct routed",
+                   color="lightgray", hatch="//")
+            ax.set_xticks([k + 0.4 for k in range(len(traces))])
+            ax.set_xticklabels([t + (" (flattering)" if t == "zipf" else "") for t in traces], fontsize=8)
+            ax.set_ylabel("MiB copied per token")
+            ax.set_title(f"{shape}-shaped, batch {batch}")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"bytes moved per token per policy ({results['device']}, cache {int(CACHE_SHARE * 100)}% of experts)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", default="mixtral,qwen3")
+    p.add_argument("--traces", default=",".join(TRACES))
+    p.add_argument("--batch-sizes", default="1,4,8")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--scale", type=int, default=None, help="divide H and I by this (default: 16 on CPU, 2 on GPU)")
+    p.add_argument("--steps", type=int, default=24, help="decode steps per run, the first quarter untimed (warm-up)")
+    p.add_argument("--prefill-tokens", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--threads", type=int, default=1, help="torch compute threads on CPU (the copy engine is one more)")
+    p.add_argument("--out", default="bench_results/expert", help="folder, or a .json file path")
+    args = p.parse_args()
+
+    device = args.device
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    scale = args.scale or (16 if device == "cpu" else 2)
+    out = Path(args.out)
+    json_path = out if out.suffix == ".json" else out / f"bench_expert_{'gpu' if device.startswith('cuda') else 'cpu'}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    warm = max(1, args.steps // 4)
+    results = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+               "torch": torch.__version__, "dtype": args.dtype, "scale": scale, "layers": args.layers,
+               "steps": args.steps, "warm_steps": warm, "cache_share": CACHE_SHARE, "batch_sizes": batches,
+               "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M"), "shapes": {}}
+
+    header = f"{'shape':8} {'trace':9} {'B':>2} {'policy':15} {'tok/s':>9} {'MiB/token':>10} {'x distinct':>10} " \
+             f"{'hit rate':>8} {'ids->host':>10} {'x full tok/s':>12}"
+    print(header)
+    for shape in args.shapes.split(","):
+        (H, I, E, top_k), _ = SHAPES[shape]
+        H, I = H // scale, I // scale
+        weights = make_layers(H, I, E, args.layers, dtype)
+        expert_bytes = 3 * H * I * dtype.itemsize
+        cache_bytes = int(CACHE_SHARE * args.layers * E) * expert_bytes
+        entry = {"H": H, "I": I, "E": E, "top_k": top_k, "expert_bytes": expert_bytes, "cache_bytes": cache_bytes,
+                 "runs": [], "traces": {}, "prediction": {}}
+        for batch in batches:
+            for trace_kind in args.traces.split(","):
+                if trace_kind == "recorded":
+                    trace, recall = recorded_trace(shape, batch, args.steps)
+                    trace = trace[:, : args.layers] if trace.shape[1] >= args.layers else trace.repeat(1, -(-args.layers // trace.shape[1]), 1, 1)[:, : args.layers]
+                    entry["prediction"][f"batch{batch}"] = recall
+                else:
+                    trace = synthetic_trace(trace_kind, args.layers, E, top_k, batch, args.steps, seed=batch)
+                entry["traces"][f"{trace_kind}/batch{batch}"] = trace_shape_stats(trace, E)
+                bound = distinct_bytes_per_token(trace[warm:], expert_bytes)
+                rows = {}
+                for policy in POLICIES:
+                    row = measure(policy, device, weights, trace, warm, cache_bytes, dtype)
+                    row.update(shape=shape, trace=trace_kind, batch=batch, policy=policy, distinct_bytes_per_token=bound)
+                    rows[policy] = row
+                    entry["runs"].append(row)
+                for policy, row in rows.items():
+                    row["speedup_vs_full"] = row["tokens_per_s"] / rows["full"]["tokens_per_s"]
+                    print(f"{shape:8} {trace_kind:9} {batch:>2} {policy:15} {row['tokens_per_s']:9.1f} "
+                          f"{row['bytes_per_token'] / 2**20:10.3f} {row['bytes_per_token'] / bound:10.2f} "
+                          f"{100 * row.get('hit_rate', 0):7.1f}% {row.get('ids_to_host_ms_per_layer_step', 0):8.3f}ms "
+                          f"{row['speedup_vs_full']:12.2f}")
+        entry["prefill"] = prefill(device, weights, args.prefill_tokens, cache_bytes, dtype)
+        print(f"{shape:8} prefill {args.prefill_tokens} tokens: " + ", ".join(
+            f"{k} {v['seconds'] * 1e3:.1f} ms" for k, v in entry["prefill"].items())
+              + f"  (auto's cost model: {entry['prefill']['auto']['copy_overhead_us']} us per copy, "
+                f"{entry['prefill']['auto']['copy_gb_per_s']:.2f} GB/s)")
+        for key, stats in entry["traces"].items():
+            if key.endswith("batch1"):
+                print(f"{shape:8} trace {key:18} top-quarter share {100 * stats['top_quarter_share']:.1f}% (max layer "
+                      f"{100 * stats['top_quarter_share_max']:.1f}%), token-to-token reuse {100 * stats['reuse']:.1f}% "
+                      f"(chance {100 * stats['chance_reuse']:.1f}%)")
+        for key, rec in entry["prediction"].items():
+            print(f"{shape:8} prediction recall (demo model, {key}): {100 * rec['predicted_layers_recall']:.1f}% of the "
+                  f"routed experts of predicted layers ({100 * rec['prediction_recall']:.1f}% of all layers')")
+        results["shapes"][shape] = entry
+    json_path.write_text(json.dumps(results, indent=1))
+    png = json_path.with_suffix(".png")
+    chart(results, png)
+    print(f"wrote {json_path} and {png}")
+    return 0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Policy on_demand of the weight streamer (CPU backend): the expert cache, its eviction policies,
+prediction, and bad inputs. The oracle is fused_moe on the layer's full weights (itself checked
+against moe_swap.reference) and checksums of the host store's experts."""
+
+import zlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import moe_swap
+from moe_swap import WeightStreamer
+from moe_swap.ops import fused_moe, topk_route
+
+
+def random_layers(num_layers, experts, inter=8, hidden=16, dtype=torch.float32):
+    return [((torch.randn(experts, 2 * inter, hidden) / 4).to(dtype), (torch.randn(experts, hidden, inter) / 4).to(dtype))
+            for _ in range(num_layers)]
+
+
+def on_demand(layers, cache_experts=0, eviction="lru", policy="on_demand", **kwargs):
+    w13, w2 = layers[0]
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    s = WeightStreamer("cpu", policy=policy, cache_bytes=cache_experts * expert_bytes, eviction=eviction, **kwargs)
+    for a, b in layers:
+        s.add_layer(a, b)
+    return s
+
+
+def route(tokens, experts, top_k):
+    return topk_route(torch.randn(tokens, experts), top_k, renormalize=True)
+
+
+def checksum(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def test_outputs_equal_fused_moe_on_the_whole_layer():
+    layers = random_layers(3, 8)
+    with on_demand(layers, cache_experts=12) as s:
+        for _ in range(6):
+            for i, (w13, w2) in enumerate(layers):
+                x = torch.randn(5, 16)
+                weights, ids = route(5, 8, 2)
+                torch.testing.assert_close(s.moe(i, x, weights, ids), fused_moe(x, w13, w2, weights, ids),
+                                           rtol=0, atol=0)
+        stats = s.stats()
+        assert stats["expert_hits"] > 0 and stats["expert_misses"] > 0
+        assert stats["expert_hits"] + stats["expert_misses"] == sum(l["routed_distinct"] for l in stats["layers"])
+
+
+def test_distinct_experts_are_copied_once_per_step():
+    layers = random_layers(1, 8)
+    with on_demand(layers, cache_experts=0) as s:
+        ids = torch.tensor([[3, 1], [1, 3], [3, 1], [1, 3]], dtype=torch.int32)
+        s.moe(0, torch.randn(4, 16), torch.rand(4, 2), ids)
+        stats = s.stats()
+        expert_bytes = s.cache_state()["expert_bytes"]
+        assert stats["expert_misses"] == 2 and stats["bytes_copied"] == 2 * expert_bytes
+
+
+def test_zero_byte_cache_keeps_nothing_and_still_computes():
+    layers = random_layers(2, 6)
+    with on_demand(layers, cache_experts=0) as s:
+        for _ in range(4):
+            for i, (w13, w2) in enumerate(layers):
+                x = torch.randn(3, 16)
+                weights, ids = route(3, 6, 2)
+                torch.testing.assert_close(s.moe(i, x, weights, ids), fused_moe(x, w13, w2, weights, ids))
+                assert s.cache_state()["occupied"] == 0
+        stats = s.stats()
+        assert stats["expert_hits"] == 0 and stats["hit_rate"] == 0.0
+
+
+def test_cache_smaller_than_a_step_grows_a_working_set_then_trims_to_budget():
+    layers = random_layers(1, 8)
+    with on_demand(layers, cache_experts=1) as s:
+        x = torch.randn(16, 16)
+        weights, ids = route(16, 8, 3)
+        distinct = len(set(ids.flatten().tolist()))
+        torch.testing.assert_close(s.moe(0, x, weights, ids), fused_moe(x, *layers[0], weights, ids))
+        state = s.cache_state()
+        assert state["slots"] >= distinct and state["capacity"] == 1 and state["occupied"] == 1
+
+
+def test_no_tokens():
+    layers = random_layers(1, 4)
+    with on_demand(layers, cache_experts=2) as s:
+        out = s.moe(0, torch.randn(0, 16), torch.rand(0, 2), torch.zeros(0, 2, dtype=torch.int32))
+        assert out.shape == (0, 16)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(experts=st.integers(2, 12), top_k=st.integers(1, 4), cache_experts=st.integers(0, 3),
+       num_layers=st.integers(1, 3), eviction=st.sampled_from(["lru", "lfu", "flru"]),
+       seed=st.integers(0, 2**31 - 1), delay=st.sampled_from([0, 50]), policy=st.sampled_from(["on_demand", "auto"]))
+def test_every_expert_used_in_a_step_holds_that_experts_weights(experts, top_k, cache_experts, num_layers, eviction,
+                                                                 seed, delay, policy):
+    top_k = min(top_k, experts)
+    gen = torch.Generator().manual_seed(seed)
+    layers = [(torch.randn(experts, 4, 8, generator=gen), torch.randn(experts, 8, 2, generator=gen))
+              for _ in range(num_layers)]
+    sums = [[(checksum(w13[e]), checksum(w2[e])) for e in range(experts)] for w13, w2 in layers]
+    with on_demand(layers, cache_experts, eviction, policy, test_copy_delay_us=delay) as s:
+        for step in range(8):
+            for layer in range(num_layers):
+                tokens = int(torch.randint(1, 5, (1,), generator=gen))
+                ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).int()
+                if step % 3 == 2 and layer + 1 < num_layers:  # sometimes a (random) prediction for the next layer
+                    s.predict(layer + 1, torch.randint(0, experts, (3,), generator=gen))
+                w13, w2, expert_map = s.acquire_experts(layer, ids)
+                routed = set(ids.flatten().tolist())
+                for e in range(experts):
+                    slot = int(expert_map[e])
+                    if e not in routed:
+                        assert slot == -1
+                        continue
+                    assert 0 <= slot < w13.shape[0]
+                    assert (checksum(w13[slot]), checksum(w2[slot])) == sums[layer][e], (step, layer, e, slot)
+                s.release_experts(layer)
+                # the budget, plus at most one prediction; auto's whole-layer step is trimmed back too
+                assert s.cache_state()["occupied"] <= cache_experts + 3
+        if cache_experts == 0:
+            stats = s.stats()  # with no cache, only predictions hit
+            assert stats["expert_hits"] == sum(l["predicted_used"] for l in stats["layers"])
+
+
+def run_trace(eviction, capacity, trace, num_layers):
+    layers = random_layers(num_layers, 8)
+    with on_demand(layers, cache_experts=capacity, eviction=eviction) as s:
+        for layer, expert in trace:
+            s.moe(layer, torch.randn(1, 16), torch.ones(1, 1), torch.tensor([[expert]], dtype=torch.int32))
+        return {tuple(e) for e in s.cache_state()["entries"] if e[0] >= 0}, s.stats()
+
+
+# A: layer 0, B: layer 1. X: expert 0 used often then 1 once; Y: A0 used a little long ago, B5 hot, A1 once just now.
+TRACE_X = [(0, 0)] * 10 + [(0, 1), (0, 2)]
+TRACE_Y = [(0, 0)] * 3 + [(1, 5)] * 40 + [(0, 1), (0, 2)]
+
+
+@pytest.mark.parametrize("eviction, trace, capacity, kept", [
+    ("lru", TRACE_X, 2, {(0, 1), (0, 2)}),    # least recent: expert 0
+    ("lfu", TRACE_X, 2, {(0, 0), (0, 2)}),    # least frequent: expert 1
+    ("flru", TRACE_X, 2, {(0, 0), (0, 2)}),   # 10 recent uses outweigh 1
+    ("lru", TRACE_Y, 3, {(0, 1), (0, 2), (1, 5)}),
+    ("lfu", TRACE_Y, 3, {(0, 0), (0, 2), (1, 5)}),
+    ("flru", TRACE_Y, 3, {(0, 1), (0, 2), (1, 5)}),  # A0's 3 uses decayed over 40 steps (~5 half-lives)
+])
+def test_eviction_policies_on_a_hand_made_trace(eviction, trace, capacity, kept):
+    cached, stats = run_trace(eviction, capacity, trace, num_layers=2)
+    assert cached == kept
+    assert stats["evictions"] == 1
+    assert stats["expert_misses"] == len({e for e in trace})
+
+
+def test_prediction_turns_misses_into_hits_and_reports_recall():
+    layers = random_layers(2, 8)
+    with on_demand(layers, cache_experts=8) as s:
+        ids = torch.tensor([[1, 4], [4, 6]], dtype=torch.int32)
+        s.moe(0, torch.randn(2, 16), torch.rand(2, 2), ids)  # allocates the pool
+        s.predict(1, torch.tensor([1, 4, 7]))
+        x = torch.randn(2, 16)
+        weights = torch.rand(2, 2)
+        torch.testing.assert_close(s.moe(1, x, weights, ids), fused_moe(x, *layers[1], weights, ids))
+        layer1 = s.stats()["layers"][1]
+        assert layer1["predicted"] == 3 and layer1["predicted_used"] == 2 and layer1["expert_misses"] == 1
+        assert layer1["prediction_recall"] == pytest.approx(2 / 3)
+
+
+def test_a_failed_copy_raises_and_the_next_step_recovers():
+    layers = random_layers(1, 4)
+    with on_demand(layers, cache_experts=4, test_fail_copy_at=0) as s:
+        x = torch.randn(2, 16)
+        weights, ids = route(2, 4, 2)
+        with pytest.raises(RuntimeError, match="injected copy fault"):
+            s.moe(0, x, weights, ids)
+        torch.testing.assert_close(s.moe(0, x, weights, ids), fused_moe(x, *layers[0], weights, ids))
+
+
+def test_bad_inputs_raise_clearly():
+    layers = random_layers(2, 6)
+    with on_demand(layers, cache_experts=2) as s:
+        x = torch.randn(2, 16)
+        w = torch.rand(2, 2)
+        with pytest.raises(RuntimeError, match=r"topk_ids must be expert ids in \[0, 6\).*got 6"):
+            s.moe(0, x, w, torch.tensor([[0, 6], [1, 2]], dtype=torch.int32))
+        with pytest.raises(RuntimeError, match=r"got -1"):
+            s.acquire_experts(0, torch.tensor([[-1, 2]]))
+        with pytest.raises(RuntimeError, match="int32 or int64, got Float"):
+            s.acquire_experts(0, torch.zeros(2, 2))
+        with pytest.raises(RuntimeError, match=r"layer must be in \[0, 2\), got 5"):
+            s.acquire_experts(5, torch.zeros(1, 1, dtype=torch.int32))
+        with pytest.raises(RuntimeError, match="not acquired by acquire_experts"):
+            s.release_experts(1)
+        s.acquire_experts(0, torch.tensor([[1]]))
+        with pytest.raises(RuntimeError, match="already acquired"):
+            s.acquire_experts(0, torch.tensor([[1]]))
+        s.release_experts(0)
+        with pytest.raises(RuntimeError, match="policy on_demand/auto; use acquire_experts"):
+            s.acquire(0)
+        with pytest.raises(RuntimeError, match="same shape and dtype"):
+            s.add_layer(torch.randn(6, 8, 16), torch.randn(6, 16, 4))
+        # still works after every error
+        weights, ids = route(2, 6, 2)
+        torch.testing.assert_close(s.moe(1, x, weights, ids), fused_moe(x, *layers[1], weights, ids))
+    with pytest.raises(ValueError, match="policy must be one of full, on_demand, auto, got 'lazy'"):
+        WeightStreamer("cpu", policy="lazy")
+    with pytest.raises(ValueError, match="eviction must be one of lru, lfu, flru, got 'fifo'"):
+        WeightStreamer("cpu", policy="on_demand", eviction="fifo")
+    with pytest.raises(ValueError, match="cache_bytes must be an int >= 0, got -1"):
+        WeightStreamer("cpu", policy="on_demand", cache_bytes=-1)
+    with pytest.raises(RuntimeError, match="needs mode \"full\""):
+        WeightStreamer("cpu", policy="on_demand", mode="sync")
+    with WeightStreamer("cpu") as full:
+        full.add_layer(*layers[0])
+        with pytest.raises(RuntimeError, match="policy full; use acquire"):
+            full.acquire_experts(0, torch.tensor([[0]]))
+
+
+def test_streamer_moe_traces_under_torch_compile():
+    layers = random_layers(2, 6)
+    with on_demand(layers, cache_experts=3) as s:
+        def step(x, logits):
+            for layer in range(2):
+                weights, ids = topk_route(logits, 2)
+                x = x + s.moe(layer, x, weights, ids)
+            return x
+
+        compiled = torch.compile(step, fullgraph=True)
+        x, logits = torch.randn(4, 16), torch.randn(4, 6)
+        torch.testing.assert_close(compiled(x, logits), step(x, logits))
+
+
+def test_auto_copies_the_whole_layer_when_the_measured_cost_model_says_so():
+    layers = random_layers(2, 8)
+    with on_demand(layers, cache_experts=8, policy="auto") as s:
+        one = torch.tensor([[3]], dtype=torch.int32)
+        x = torch.randn(1, 16)
+        s.moe(0, x, torch.ones(1, 1), one)  # allocates the pool and calibrates
+        model = s.cache_state()
+        assert model["copy_gb_per_s"] > 0 and model["copy_overhead_us"] >= 0
+        # one missing expert: on demand is never more expensive than the whole layer
+        assert s.stats()["layer_copies"] == 0
+        # every expert missing: the whole layer wins exactly when a copy has an overhead
+        x = torch.randn(8, 16)
+        weights = torch.rand(8, 1)
+        ids = torch.arange(8, dtype=torch.int32).view(8, 1)
+        torch.testing.assert_close(s.moe(1, x, weights, ids), fused_moe(x, *layers[1], weights, ids))
+        if model["copy_overhead_us"] > 0.01:
+            assert s.stats()["layers"][1]["layer_copies"] == 1
+        # the whole-layer step left a correct cache behind for both layers
+        for layer in (0, 1):
+            torch.testing.assert_close(s.moe(layer, x, weights, ids), fused_moe(x, *layers[layer], weights, ids))
+
+
+def test_auto_on_a_pool_smaller_than_a_layer_stays_on_demand():
+    layers = random_layers(1, 8)
+    with on_demand(layers, cache_experts=2, policy="auto") as s:
+        x = torch.randn(2, 16)
+        weights, ids = route(2, 8, 2)
+        torch.testing.assert_close(s.moe(0, x, weights, ids), fused_moe(x, *layers[0], weights, ids))
+        assert s.stats()["layer_copies"] == 0
