@@ -112,7 +112,9 @@ def demo_model(shape: str):
 def recorded_trace(shape: str, batch: int, steps: int) -> tuple[torch.Tensor, dict]:
     """The demo model's routing while it generates `steps` tokens per sequence (decode steps only),
     [steps, layers, batch, top_k]; and the prediction recall of on_demand + predict on the same run."""
-    from moe_swap import offload as offload_module
+    import importlib
+
+    offload_module = importlib.import_module("moe_swap.offload")  # the module (moe_swap.offload is the function)
 
     model, config = demo_model(shape)
     report = moe_swap.offload(model, device="cpu", policy="on_demand", predict=True)

@@ -34,4 +34,16 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                           const std::optional<at::Tensor>& expert_map, c10::string_view activation);
 #endif
 
+// ---- device-side expert pull (csrc/streaming/expert_pull.*) ----
+void expert_cache_pull_cpu(const at::Tensor& topk_ids, const at::Tensor& host_w13, const at::Tensor& host_w2,
+                           const at::Tensor& pool_w13, const at::Tensor& pool_w2, int64_t slot_base,
+                           const at::Tensor& slot_expert, const at::Tensor& slot_stamp, const at::Tensor& clock,
+                           const at::Tensor& expert_map, const at::Tensor& counters);
+#ifdef MOE_SWAP_WITH_CUDA
+void expert_cache_pull_cuda(const at::Tensor& topk_ids, const at::Tensor& host_w13, const at::Tensor& host_w2,
+                            const at::Tensor& pool_w13, const at::Tensor& pool_w2, int64_t slot_base,
+                            const at::Tensor& slot_expert, const at::Tensor& slot_stamp, const at::Tensor& clock,
+                            const at::Tensor& expert_map, const at::Tensor& counters);
+#endif
+
 }  // namespace moe_swap

@@ -19,6 +19,14 @@ TORCH_LIBRARY(moe_swap, m) {
   m.def(
       "fused_moe(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
       "Tensor? expert_map=None, str activation=\"silu\") -> Tensor");
+  // Device-side on_demand step (no host sync; capturable on CUDA): read topk_ids, stamp hits and
+  // pick LRU victims in the layer's pool region [slot_base, +C) (state: slot_expert int32 [C],
+  // slot_stamp int64 [C], clock int64 [1]), pull missing experts from host_w13/host_w2 (CUDA: a
+  // mapped pinned view) into the pool, write expert_map int32 [E]; counters int64 [2] += (hits, misses).
+  m.def(
+      "expert_cache_pull(Tensor topk_ids, Tensor host_w13, Tensor host_w2, Tensor(a!) pool_w13, Tensor(b!) pool_w2, "
+      "int slot_base, Tensor(c!) slot_expert, Tensor(d!) slot_stamp, Tensor(e!) clock, Tensor(f!) expert_map, "
+      "Tensor(g!) counters) -> ()");
   // Debug switch: synchronise and check after every CUDA launch; invalid expert ids become errors.
   m.def("set_debug(bool enabled) -> ()", &moe_swap::set_debug);
   // Whether the debug switch is on.
@@ -84,12 +92,14 @@ TORCH_LIBRARY(moe_swap, m) {
 TORCH_LIBRARY_IMPL(moe_swap, CPU, m) {
   m.impl("topk_route", &moe_swap::topk_route_cpu);
   m.impl("fused_moe", &moe_swap::fused_moe_cpu);
+  m.impl("expert_cache_pull", &moe_swap::expert_cache_pull_cpu);
 }
 
 #ifdef MOE_SWAP_WITH_CUDA
 TORCH_LIBRARY_IMPL(moe_swap, CUDA, m) {
   m.impl("topk_route", &moe_swap::topk_route_cuda);
   m.impl("fused_moe", &moe_swap::fused_moe_cuda);
+  m.impl("expert_cache_pull", &moe_swap::expert_cache_pull_cuda);
 }
 #endif
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["topk_route", "fused_moe", "set_debug", "debug_enabled"]
+__all__ = ["topk_route", "fused_moe", "expert_cache_pull", "set_debug", "debug_enabled"]
 
 
 def topk_route(
@@ -114,6 +114,43 @@ def fused_moe(
 def _fused_moe_fake(hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu"):
     torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be 2-D, got {hidden_states.dim()}-D")
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+
+
+def expert_cache_pull(
+    topk_ids: Tensor,
+    host_w13: Tensor,
+    host_w2: Tensor,
+    pool_w13: Tensor,
+    pool_w2: Tensor,
+    slot_base: int,
+    slot_expert: Tensor,
+    slot_stamp: Tensor,
+    clock: Tensor,
+    expert_map: Tensor,
+    counters: Tensor,
+) -> None:
+    """The device-side on_demand step of one layer: no host sync, capturable in a CUDA graph.
+
+    Reads ``topk_ids`` where they are; in the layer's region ``[slot_base, slot_base + C)`` of the
+    expert pool, stamps the slots that hold routed experts (hits) and gives each missing expert the
+    least recently used slot not used by this step (empty slots first), copying its weights there
+    from ``host_w13 [E, 2I, H]`` / ``host_w2 [E, H, I]`` (on CUDA a mapped pinned view: the kernel
+    reads host memory itself). Writes ``expert_map [E]`` (pool slot, or -1 when not routed) for
+    :func:`fused_moe` on ``pool_w13 [N, 2I, H]`` / ``pool_w2 [N, H, I]``.
+
+    State, all on the pool's device: ``slot_expert`` int32 ``[C]`` (expert held, -1 empty; start at
+    -1), ``slot_stamp`` int64 ``[C]`` (last use), ``clock`` int64 ``[1]``; ``counters`` int64 ``[2]``
+    accumulates (hits, misses). ``C`` must be at least ``min(E, topk_ids.numel())``.
+    The CUDA kernel is compiled but has never run on a GPU.
+    """
+    torch.ops.moe_swap.expert_cache_pull.default(topk_ids, host_w13, host_w2, pool_w13, pool_w2, slot_base,
+                                                 slot_expert, slot_stamp, clock, expert_map, counters)
+
+
+@torch.library.register_fake("moe_swap::expert_cache_pull")
+def _expert_cache_pull_fake(topk_ids, host_w13, host_w2, pool_w13, pool_w2, slot_base, slot_expert, slot_stamp,
+                            clock, expert_map, counters):
+    return None
 
 
 def set_debug(enabled: bool = True) -> None:

@@ -66,6 +66,7 @@ run_bench() {  # name, seconds, command...
 : >"$OUT/bench.log"
 [ -f benchmarks/bench_ops.py ] && run_bench bench_ops 90 "$PY" benchmarks/bench_ops.py --out "$OUT/bench_ops.json"
 [ -f benchmarks/bench_stream.py ] && run_bench bench_stream 90 "$PY" benchmarks/bench_stream.py --out "$OUT/bench_stream.json"
+[ -f benchmarks/bench_expert.py ] && run_bench bench_expert 90 "$PY" benchmarks/bench_expert.py --steps 16 --batch-sizes 1,8 --out "$OUT/bench_expert.json"
 "$PY" -c "import moe_swap.cli" 2>/dev/null && run_bench "moe_swap bench" 90 "$PY" -m moe_swap bench --out "$OUT/bench_e2e.json"
 
 echo

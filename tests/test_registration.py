@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-OPS = ["topk_route", "fused_moe"]
+OPS = ["topk_route", "fused_moe", "expert_cache_pull"]
 
 
 def _toolkit_present() -> bool:
