@@ -261,3 +261,29 @@ def test_auto_on_a_pool_smaller_than_a_layer_stays_on_demand():
         weights, ids = route(2, 8, 2)
         torch.testing.assert_close(s.moe(0, x, weights, ids), fused_moe(x, *layers[0], weights, ids))
         assert s.stats()["layer_copies"] == 0
+
+
+@pytest.mark.parametrize("num_layers", [2, 3, 4])
+def test_auto_wide_steps_copy_the_next_layer_ahead(num_layers):
+    experts = 8
+    layers = random_layers(num_layers, experts)
+    sums = [[(checksum(w13[e]), checksum(w2[e])) for e in range(experts)] for w13, w2 in layers]
+    with on_demand(layers, cache_experts=2 * experts, policy="auto", test_copy_delay_us=30) as s:
+        x = torch.randn(16, 16)
+        weights = torch.rand(16, 2)
+        for step in range(3):
+            for layer in range(num_layers):
+                # wide steps (every expert) and, in between, a narrow one
+                ids = (torch.arange(32, dtype=torch.int32).view(16, 2) % experts if step != 1
+                       else torch.tensor([[layer % experts, (layer + 3) % experts]] * 16, dtype=torch.int32))
+                w13, w2, expert_map = s.acquire_experts(layer, ids)
+                for e in set(ids.flatten().tolist()):
+                    slot = int(expert_map[e])
+                    assert (checksum(w13[slot]), checksum(w2[slot])) == sums[layer][e]
+                out = fused_moe(x, w13, w2, weights, ids, expert_map)
+                s.release_experts(layer)
+                torch.testing.assert_close(out, fused_moe(x, *layers[layer], weights, ids))
+        stats = s.stats()
+        if s.cache_state()["copy_overhead_us"] > 0.01:
+            assert stats["layer_copies"] > 0
+            assert stats["predicted"] > 0 and sum(l["predicted_used"] for l in stats["layers"]) > 0

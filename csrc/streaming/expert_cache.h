@@ -65,6 +65,7 @@ class ExpertCache {
   int64_t slot_layer(int64_t slot) const { return slots_[slot].layer; }
   int64_t slot_expert(int64_t slot) const { return slots_[slot].expert; }
   bool slot_predicted(int64_t slot) const { return slots_[slot].predicted; }
+  bool slot_pinned(int64_t slot) const { return slots_[slot].pinned; }
   int64_t occupied() const;
 
  private:

@@ -532,10 +532,37 @@ void Streamer::calibrate_copy_cost() {
   copy_bytes_per_s_ = static_cast<double>(n) * expert_bytes / transfer_s;
 }
 
+int64_t Streamer::max_layer_experts() const {
+  int64_t most = 0;
+  for (int64_t i = 0; i < store_.num_layers(); ++i) most = std::max(most, store_.layout(i).num_experts);
+  return most;
+}
+
+// Put every expert of `target` into slots [base, base + E) and add the copies to `plan`: the layer's
+// entries elsewhere and every other entry in the region are given up. `routed` experts are used now
+// (pinned); `predicted`: the copies run ahead of the layer's step.
+void Streamer::place_whole_layer(int64_t target, int64_t base, bool predicted, const std::vector<char>* routed,
+                                 int64_t now, CopyPlan& plan, std::vector<int64_t>& assigned) {
+  const int64_t E = store_.layout(target).num_experts;
+  for (int64_t i = 0; i < cache_.num_slots(); ++i) {
+    const int64_t owner = cache_.slot_layer(i);
+    if (owner == target || (i >= base && i < base + E && owner != ExpertCache::kEmpty)) {
+      if (owner != target) layer_stats_[owner].evictions += 1;
+      cache_.drop(i);
+    }
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    cache_.assign(base + e, target, e, predicted);
+    if (routed != nullptr && (*routed)[e]) cache_.touch(base + e, now, store_.num_layers());
+    add_expert_chunks(plan, target, e, base + e);  // neighbours merge: one chunk per weight
+    assigned.push_back(base + e);
+  }
+}
+
 // policy auto: one copy of the whole layer (2 copies: w13 and w2) against 2 copies per missing expert.
-bool Streamer::whole_layer_is_cheaper(int64_t layer, int64_t misses) const {
+bool Streamer::whole_layer_is_cheaper(int64_t layer, int64_t misses, int64_t base) const {
   const int64_t E = store_.layout(layer).num_experts;
-  if (policy_ != Policy::kAuto || misses == 0 || cache_.num_slots() < E || copy_bytes_per_s_ <= 0) return false;
+  if (policy_ != Policy::kAuto || misses == 0 || cache_.num_slots() < base + E || copy_bytes_per_s_ <= 0) return false;
   const std::vector<int64_t> per_expert = pool_expert_bytes();
   const double expert_s = static_cast<double>(per_expert[0] + per_expert[1]) / copy_bytes_per_s_;
   const double on_demand_s = static_cast<double>(misses) * (2.0 * copy_overhead_s_ + expert_s);
@@ -609,27 +636,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   const int64_t miss_count = static_cast<int64_t>(misses.size());
   CopyPlan plan{layer, kDemandChannel, 0, {}, false};
   std::vector<int64_t> assigned;
-  if (whole_layer_is_cheaper(layer, static_cast<int64_t>(misses.size()))) {
-    // One copy per weight: expert e into pool slot e. The layer's cached experts move there too (they
-    // are copied again: the cost model counted that), and whatever else held slots [0, E) is evicted.
-    for (int64_t i = 0; i < cache_.num_slots(); ++i) {
-      const int64_t owner = cache_.slot_layer(i);
-      if (owner == layer || (i < l.num_experts && owner != ExpertCache::kEmpty)) {
-        if (owner != layer) layer_stats_[owner].evictions += 1;
-        cache_.drop(i);
-      }
-    }
+  // policy auto: whole layers live in region [0, E) or, with room for two, in region (layer % 2) * E,
+  // so a wide step (a prefill: most experts routed) can copy the next layer whole while it computes.
+  const int64_t region_experts = max_layer_experts();
+  const bool two_regions = cache_.num_slots() >= 2 * region_experts;
+  const int64_t base = two_regions ? (layer % 2) * region_experts : 0;
+  if (whole_layer_is_cheaper(layer, static_cast<int64_t>(misses.size()), base)) {
+    // One copy per weight: expert e into slot base + e. The layer's cached experts move there too (they
+    // are copied again: the cost model counted that), and whatever else held the region is evicted.
     std::vector<char> routed(l.num_experts, 0);
     for (int64_t e : distinct) routed[e] = 1;
-    for (int64_t e = 0; e < l.num_experts; ++e) {
-      cache_.assign(e, layer, e, /*predicted=*/false);
-      if (routed[e]) {
-        cache_.touch(e, now, ticks_per_pass);
-        expert_map[e] = static_cast<int32_t>(e);
-      }
-      add_expert_chunks(plan, layer, e, e);  // neighbours merge: one chunk per weight
-      assigned.push_back(e);
-    }
+    place_whole_layer(layer, base, /*predicted=*/false, &routed, now, plan, assigned);
+    for (int64_t e : distinct) expert_map[e] = static_cast<int32_t>(base + e);
     st.layer_copies += 1;
     misses.clear();  // nothing left to place one by one (miss_count keeps the statistic)
   }
@@ -652,6 +670,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
 
   try {
     if (!plan.chunks.empty()) issue_expert_plan(plan, kDemandChannel);
+    // A wide step: the next layer's step will most likely be wide too; copy it whole into the other
+    // region now, under this layer's compute (the ring's double buffering, for prefills).
+    const int64_t next = (layer + 1) % store_.num_layers();
+    const int64_t next_base = (next % 2) * region_experts;
+    bool region_free = two_regions && next_base != base && held_slot_[next] == kNotHeld;
+    for (int64_t i = next_base; region_free && i < next_base + store_.layout(next).num_experts; ++i) {
+      region_free = !cache_.slot_pinned(i);  // this step's experts stay where they are
+    }
+    if (region_free && whole_layer_is_cheaper(layer, static_cast<int64_t>(distinct.size()), base)) {
+      CopyPlan ahead{next, kPredictChannel, 0, {}, false};
+      std::vector<int64_t> ahead_slots;
+      place_whole_layer(next, next_base, /*predicted=*/true, nullptr, now, ahead, ahead_slots);
+      layer_stats_[next].predicted += static_cast<int64_t>(ahead_slots.size());
+      try {
+        issue_expert_plan(ahead, kPredictChannel);
+      } catch (...) {
+        for (int64_t slot : ahead_slots) cache_.drop(slot);
+        throw;
+      }
+      predicted_pending_.insert(predicted_pending_.end(), ahead_slots.begin(), ahead_slots.end());
+    }
     if (!predicted_pending_.empty()) {
       try {
         backend_->wait_ready(kPredictChannel, layer);

@@ -121,7 +121,10 @@ class Streamer {
   void issue_expert_plan(CopyPlan& plan, int channel);
   std::vector<int64_t> pool_expert_bytes() const;
   void calibrate_copy_cost();
-  bool whole_layer_is_cheaper(int64_t layer, int64_t misses) const;
+  bool whole_layer_is_cheaper(int64_t layer, int64_t misses, int64_t base) const;
+  int64_t max_layer_experts() const;
+  void place_whole_layer(int64_t target, int64_t base, bool predicted, const std::vector<char>* routed, int64_t now,
+                         CopyPlan& plan, std::vector<int64_t>& assigned);
 
   std::mutex mu_;
   const Mode mode_;
