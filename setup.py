@@ -20,13 +20,16 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _cuda_home() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home:
-        return home
+    """The CUDA toolkit: $CUDA_HOME/$CUDA_PATH, else the toolkit of the nvcc on the PATH, else /usr/local/cuda."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        return str(Path(nvcc).resolve().parent.parent)
-    return "/usr/local/cuda" if Path("/usr/local/cuda/bin/nvcc").exists() else None
+    if nvcc:  # nvcc may be a symlink or a wrapper script outside the toolkit (/usr/local/bin/nvcc)
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and (Path(home) / "include" / "cuda_runtime.h").exists() and (Path(home) / "bin" / "nvcc").exists():
+            return home
+    return None
 
 
 class CMakeExtension(Extension):

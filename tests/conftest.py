@@ -12,6 +12,15 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.fixture
+def debug_off():
+    """Debug switch off for this test (gpu_check runs the suite with MOE_SWAP_DEBUG=1), restored after."""
+    before = moe_swap.ops.debug_enabled()
+    moe_swap.set_debug(False)
+    yield
+    moe_swap.set_debug(before)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # Fresh random inputs in every test, reproducible from the test's name.
