@@ -20,6 +20,11 @@ summary="$OUT/summary.txt"
 : >"$summary"
 status() { printf '%-28s %s\n' "$1" "$2" | tee -a "$summary"; }
 start=$(date +%s)
+deadline=$((start + 450))  # 7.5 minutes: every step below gets at most what is left of it
+budget() {  # budget WANTED -> seconds this step may take (at least 1: `timeout 0` would mean no limit)
+  local left=$((deadline - $(date +%s) - 10))
+  if [ "$left" -lt "$1" ]; then echo $((left > 1 ? left : 1)); else echo "$1"; fi
+}
 
 {
   date -u
@@ -44,18 +49,23 @@ fi
 # 2. Tests. First the CUDA cases with the debug switch on (synchronise and check after every launch,
 # so a fault names its kernel), then the whole suite as users run it.
 t0=$(date +%s)
-MOE_SWAP_DEBUG=1 timeout 150 "$PY" -m pytest tests -q -rs -k "cuda" -p no:cacheprovider >"$OUT/tests.log" 2>&1
+MOE_SWAP_DEBUG=1 timeout "$(budget 150)" "$PY" -m pytest tests -q -rs -k "cuda" -p no:cacheprovider >"$OUT/tests.log" 2>&1
 rc=$?
 echo "---- full suite ----" >>"$OUT/tests.log"
-timeout 200 "$PY" -m pytest tests -q -rs -p no:cacheprovider >>"$OUT/tests.log" 2>&1
+timeout "$(budget 180)" "$PY" -m pytest tests -q -rs -p no:cacheprovider >>"$OUT/tests.log" 2>&1
 rc2=$?
 status "tests (debug, cuda cases)" "$(grep -E '(passed|failed|error)' "$OUT/tests.log" | head -1) rc=$rc"
 status "tests (full suite)" "$(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1) rc=$rc2 ($(( $(date +%s) - t0 )) s)"
 
 # 3. Benchmarks, side by side, each writing JSON.
 run_bench() {  # name, seconds, command...
-  local name=$1 secs=$2
+  local name=$1 secs
+  secs=$(budget "$2")
   shift 2
+  if [ "$secs" -lt 15 ]; then
+    status "$name" "skipped (the 8-minute budget is spent)"
+    return
+  fi
   t0=$(date +%s)
   if timeout "$secs" "$@" >>"$OUT/bench.log" 2>&1; then
     status "$name" "ok ($(( $(date +%s) - t0 )) s)"
@@ -64,10 +74,10 @@ run_bench() {  # name, seconds, command...
   fi
 }
 : >"$OUT/bench.log"
-[ -f benchmarks/bench_ops.py ] && run_bench bench_ops 90 "$PY" benchmarks/bench_ops.py --out "$OUT/bench_ops.json"
+[ -f benchmarks/bench_ops.py ] && run_bench bench_ops 75 "$PY" benchmarks/bench_ops.py --out "$OUT/bench_ops.json"
 [ -f benchmarks/bench_stream.py ] && run_bench bench_stream 90 "$PY" benchmarks/bench_stream.py --out "$OUT/bench_stream.json"
-[ -f benchmarks/bench_expert.py ] && run_bench bench_expert 90 "$PY" benchmarks/bench_expert.py --steps 16 --batch-sizes 1,8 --out "$OUT/bench_expert.json"
-"$PY" -c "import moe_swap.cli" 2>/dev/null && run_bench "moe_swap bench" 90 "$PY" -m moe_swap bench --out "$OUT/bench_e2e.json"
+[ -f benchmarks/bench_expert.py ] && run_bench bench_expert 75 "$PY" benchmarks/bench_expert.py --steps 16 --batch-sizes 1,8 --out "$OUT/bench_expert.json"
+"$PY" -c "import moe_swap.cli" 2>/dev/null && run_bench "moe_swap bench" 75 "$PY" -m moe_swap bench --out "$OUT/bench_e2e.json"
 
 echo
 echo "==== summary ($(( $(date +%s) - start )) s) ===="
