@@ -157,7 +157,7 @@ def cmd_demo(args) -> int:
         ("tokens/s moe_swap", f"{generated / offload_s:.1f}  ({offload_s:.2f} s)"),
     ]
     if resident_s is not None:
-        rows.append(("tokens/s all resident", f"{generated / resident_s:.1f}  ({resident_s:.2f} s)"))
+        rows.append(("tokens/s unmodified model", f"{generated / resident_s:.1f}  ({resident_s:.2f} s)"))
     forwards = args.new_tokens  # one forward per generated position (the first is the prefill)
     rows += [
         ("bytes streamed / token", f"{_fmt_bytes(copied / forwards)} per decode step "

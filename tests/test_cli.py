@@ -45,7 +45,7 @@ def test_demo_checks_tokens_and_prints_the_table(tiny_config, capsys):
     assert cli.main(["demo", "--config", tiny_config, "--device", "cpu", "--new-tokens", "6", "--prompt-len", "5",
                      "--batch", "2"]) == 0
     out = capsys.readouterr().out
-    for piece in ("moe_swap offload", "tokens/s moe_swap", "tokens/s all resident", "bytes streamed / token",
+    for piece in ("moe_swap offload", "tokens/s moe_swap", "tokens/s unmodified model", "bytes streamed / token",
                   "GB/s", "waiting on copies", "device weights", "host store", "OK: the 12 generated tokens"):
         assert piece in out, out
 
