@@ -106,7 +106,10 @@ class WeightStreamer:
             ``"auto"``: as on_demand, but a step whose missing experts would cost more as separate
             copies than the whole layer as one copy (a cost model measured when the cache is first
             allocated: per-copy overhead and bandwidth) copies the whole layer into slots ``[0, E)``;
-            the pool must hold ``E`` slots for that (else the step goes on demand).
+            the pool must hold ``E`` slots for that (else the step goes on demand). When the cache holds
+            at least one layer, such a wide step (a prefill) grows the pool to two layer regions (the
+            memory full's two-slot ring uses) and copies the next layer whole into the other region
+            while this one computes: full's double buffering.
         cache_bytes: on_demand: bytes of experts the cache keeps between steps (``0``: none). A step
             whose distinct experts exceed it still runs: the pool grows to the step's working set and
             the slots beyond the budget are emptied when the step ends.
