@@ -116,8 +116,8 @@ class WeightStreamer:
         eviction: on_demand: ``"flru"`` (the default; frequency-weighted LRU: uses decayed with a
             half-life of 4 forward passes), ``"lru"`` or ``"lfu"`` (uses over the whole run). The pool is
             shared by all layers, so a cache smaller than one pass's working set makes LRU evict exactly
-            what the next pass needs (hit rate 0% at batch 4-8 with a 25% cache in bench_expert's
-            skewed and recorded traces, where flru keeps 11-41%; at batch 1 they are within 4 points).
+            what the next pass needs (bench_expert, 25% cache, skewed and recorded traces: LRU 0% at
+            Qwen3 batch 8 and Mixtral batch 4, flru 2-41% there; at batch 1 within 4 points of LRU).
 
     Use: ``i = s.add_layer(w13, w2)`` for each layer, then per forward and layer
     ``w13, w2 = s.acquire(i)`` ... compute ... ``s.release(i)``. The views are valid until release.
