@@ -428,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="full: whole layers through the ring; on_demand: only routed experts, through an "
                            "expert cache; auto: on demand, whole layers when a step misses most experts "
                            "(default full)")
-    demo.add_argument("--eviction", default="lru",
-                      help="on_demand/auto: expert-cache eviction lru, lfu or flru (frequency-weighted LRU; default lru)")
+    demo.add_argument("--eviction", default="flru",
+                      help="on_demand/auto: expert-cache eviction lru, lfu or flru (frequency-weighted LRU; default flru)")
     demo.add_argument("--predict", action="store_true",
                       help="on_demand/auto: copy the next layer's predicted experts during this layer's compute")
     demo.add_argument("--mode", default="full", choices=("full", "sync", "uva"), help="streamer mode (default full)")

@@ -225,7 +225,7 @@ def load(
     prefetch_depth: int = 1,
     mode: str = "full",
     dtype: Optional[torch.dtype] = None,
-    eviction: str = "lru",
+    eviction: str = "flru",
     predict: bool = False,
 ):
     """Build a model from a safetensors folder with its experts streamed (see :func:`moe_swap.offload`).

@@ -229,7 +229,7 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
     return dev
 
 
-def _check_policy_and_mode(policy: str, mode: str, eviction: str = "lru") -> None:
+def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru") -> None:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if mode not in MODES:
@@ -263,7 +263,7 @@ def _offload(
     prefetch_depth: int,
     move_rest: bool,
     add_streamed: Optional[Callable] = None,
-    eviction: str = "lru",
+    eviction: str = "flru",
     predict: bool = False,
 ) -> OffloadReport:
     """Shared by offload() (experts read from the model) and load() (experts read from a checkpoint).
@@ -386,7 +386,7 @@ def offload(
     slots: int = 2,
     prefetch_depth: int = 1,
     mode: str = "full",
-    eviction: str = "lru",
+    eviction: str = "flru",
     predict: bool = False,
 ) -> OffloadReport:
     """Stream a Hugging Face MoE model's experts from host memory; returns a report.
@@ -407,7 +407,8 @@ def offload(
         slots: ScratchRing slots (>= 2).
         prefetch_depth: streamed layers copied ahead (1..slots-1).
         mode: the streamer's mode: ``"full"`` (double-buffered), or the ``"sync"``/``"uva"`` baselines.
-        eviction: on_demand: the cache's eviction policy, ``"lru"``, ``"lfu"`` or ``"flru"``.
+        eviction: on_demand: the cache's eviction policy, ``"flru"`` (default; frequency-weighted
+            LRU), ``"lru"`` or ``"lfu"`` (see :class:`moe_swap.WeightStreamer`).
         predict: on_demand: apply the next MoE layer's router to this layer's input and start copying
             its likely experts during this layer's compute (recall in ``report.cache_table()``).
 

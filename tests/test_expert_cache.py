@@ -287,3 +287,26 @@ def test_auto_wide_steps_copy_the_next_layer_ahead(num_layers):
         if s.cache_state()["copy_overhead_us"] > 0.01:
             assert stats["layer_copies"] > 0
             assert stats["predicted"] > 0 and sum(l["predicted_used"] for l in stats["layers"]) > 0
+
+
+def test_auto_wide_step_copies_the_next_layer_under_this_layers_compute():
+    # A cache of one layer: a wide step grows the pool to two layer regions (full's double buffering),
+    # and acquire returns while the next layer's copy (slowed by the copy delay) is still running.
+    experts = 8
+    layers = random_layers(3, experts, inter=64, hidden=128)  # large enough that a copy's overhead shows
+    with on_demand(layers, cache_experts=experts, policy="auto", trace=True, test_copy_delay_us=20000) as s:
+        x = torch.randn(16, 128)
+        weights = torch.rand(16, 2)
+        ids = torch.arange(32, dtype=torch.int32).view(16, 2) % experts
+        for layer in range(2):
+            torch.testing.assert_close(s.moe(layer, x, weights, ids), fused_moe(x, *layers[layer], weights, ids))
+            if layer == 0 and s.cache_state()["copy_overhead_us"] <= 0.01:  # rare at this size
+                pytest.skip("the measured cost model prefers per-expert copies here: no whole-layer steps")
+        s.synchronize()
+        stats = s.stats()
+        assert s.cache_state()["slots"] == 2 * experts
+        assert stats["layers"][0]["layer_copies"] == 1
+        assert stats["layers"][1]["predicted"] == experts and stats["layers"][1]["expert_misses"] == 0
+        layer0_acquired = max(sp["end_us"] for sp in stats["trace"] if sp["layer"] == 0 and sp["kind"] == "wait")
+        layer1_landed = max(sp["end_us"] for sp in stats["trace"] if sp["layer"] == 1 and sp["kind"] == "copy")
+        assert layer0_acquired < layer1_landed

@@ -561,8 +561,13 @@ void Streamer::place_whole_layer(int64_t target, int64_t base, bool predicted, c
 
 // policy auto: one copy of the whole layer (2 copies: w13 and w2) against 2 copies per missing expert.
 bool Streamer::whole_layer_is_cheaper(int64_t layer, int64_t misses, int64_t base) const {
+  return cache_.num_slots() >= base + store_.layout(layer).num_experts && whole_layer_costs_less(layer, misses);
+}
+
+// The cost model alone: one copy per weight of all E experts against 2 copies per missing expert.
+bool Streamer::whole_layer_costs_less(int64_t layer, int64_t misses) const {
   const int64_t E = store_.layout(layer).num_experts;
-  if (policy_ != Policy::kAuto || misses == 0 || cache_.num_slots() < base + E || copy_bytes_per_s_ <= 0) return false;
+  if (policy_ != Policy::kAuto || misses == 0 || copy_bytes_per_s_ <= 0) return false;
   const std::vector<int64_t> per_expert = pool_expert_bytes();
   const double expert_s = static_cast<double>(per_expert[0] + per_expert[1]) / copy_bytes_per_s_;
   const double on_demand_s = static_cast<double>(misses) * (2.0 * copy_overhead_s_ + expert_s);
@@ -616,6 +621,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   LayerStats& st = layer_stats_[layer];
   st.acquires += 1;
   ensure_pool(static_cast<int64_t>(distinct.size()));
+  // policy auto: a wide step (a prefill) gets full's double buffering -- two layer-sized regions, the
+  // next layer copied whole into one while this layer computes on the other (below). The pool grows to
+  // 2E slots only when that stays within cache capacity + one layer's working set (the planner's room).
+  const int64_t region_experts = max_layer_experts();
+  if (policy_ == Policy::kAuto && cache_.num_slots() < 2 * region_experts && cache_.capacity() >= region_experts &&
+      whole_layer_costs_less(layer, static_cast<int64_t>(distinct.size()))) {
+    ensure_pool(2 * region_experts);
+  }
   const int64_t now = ++clock_;
   const int64_t ticks_per_pass = store_.num_layers();
 
@@ -638,7 +651,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   std::vector<int64_t> assigned;
   // policy auto: whole layers live in region [0, E) or, with room for two, in region (layer % 2) * E,
   // so a wide step (a prefill: most experts routed) can copy the next layer whole while it computes.
-  const int64_t region_experts = max_layer_experts();
   const bool two_regions = cache_.num_slots() >= 2 * region_experts;
   const int64_t base = two_regions ? (layer % 2) * region_experts : 0;
   if (whole_layer_is_cheaper(layer, static_cast<int64_t>(misses.size()), base)) {
@@ -670,6 +682,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
 
   try {
     if (!plan.chunks.empty()) issue_expert_plan(plan, kDemandChannel);
+    // This layer's predicted experts must have landed. Wait before issuing the next layer's copy on
+    // the same channel: waiting after it would wait for that copy too and lose the overlap.
+    if (!predicted_pending_.empty()) {
+      try {
+        backend_->wait_ready(kPredictChannel, layer);
+      } catch (...) {
+        for (int64_t s : predicted_pending_) cache_.drop(s);  // the predicted experts never landed
+        predicted_pending_.clear();
+        throw;
+      }
+      predicted_pending_.clear();
+    }
     // A wide step: the next layer's step will most likely be wide too; copy it whole into the other
     // region now, under this layer's compute (the ring's double buffering, for prefills).
     const int64_t next = (layer + 1) % store_.num_layers();
@@ -690,16 +714,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
         throw;
       }
       predicted_pending_.insert(predicted_pending_.end(), ahead_slots.begin(), ahead_slots.end());
-    }
-    if (!predicted_pending_.empty()) {
-      try {
-        backend_->wait_ready(kPredictChannel, layer);
-      } catch (...) {
-        for (int64_t s : predicted_pending_) cache_.drop(s);  // the predicted experts never landed
-        predicted_pending_.clear();
-        throw;
-      }
-      predicted_pending_.clear();
     }
     backend_->wait_ready(kDemandChannel, layer);
   } catch (...) {

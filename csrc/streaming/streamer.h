@@ -122,6 +122,7 @@ class Streamer {
   std::vector<int64_t> pool_expert_bytes() const;
   void calibrate_copy_cost();
   bool whole_layer_is_cheaper(int64_t layer, int64_t misses, int64_t base) const;
+  bool whole_layer_costs_less(int64_t layer, int64_t misses) const;
   int64_t max_layer_experts() const;
   void place_whole_layer(int64_t target, int64_t base, bool predicted, const std::vector<char>* routed, int64_t now,
                          CopyPlan& plan, std::vector<int64_t>& assigned);
