@@ -54,6 +54,9 @@ TORCH_LIBRARY(moe_swap, m) {
   m.def("streamer_add_layer(int handle, Tensor w13, Tensor w2) -> int");
   // Copies (CPU) of a layer's host-store weights, for checks.
   m.def("streamer_host_copy(int handle, int layer) -> (Tensor w13, Tensor w2)");
+  // A layer's host-store weights as zero-copy tensors on the streamer's device (CUDA: mapped pinned
+  // memory read over PCIe), the source of expert_cache_pull; they keep the host memory alive.
+  m.def("streamer_host_device_views(int handle, int layer) -> (Tensor w13, Tensor w2)");
   // The current stream waits for the layer's slot (copying it first if it was never prefetched);
   // returns views [E,2I,H], [E,H,I] valid until release. `after`: tensors this call is ordered after.
   m.def("streamer_acquire(int handle, int layer, Tensor[] after) -> (Tensor w13, Tensor w2)");
@@ -113,6 +116,7 @@ TORCH_LIBRARY_IMPL(moe_swap, CompositeExplicitAutograd, m) {
   m.impl("streamer_write", &st::streamer_write);
   m.impl("streamer_add_layer", &st::streamer_add_layer);
   m.impl("streamer_host_copy", &st::streamer_host_copy);
+  m.impl("streamer_host_device_views", &st::streamer_host_device_views);
   m.impl("streamer_acquire", &st::streamer_acquire);
   m.impl("streamer_prefetch", &st::streamer_prefetch);
   m.impl("streamer_release", &st::streamer_release);

@@ -17,6 +17,7 @@ Modes (one object, so benchmarks compare them side by side):
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -36,6 +37,7 @@ _STATS_COLUMNS = ("bytes_copied", "copies_issued", "chunks_issued", "acquires", 
                   "predicted_used", "routed_distinct", "ids_to_host_ns", "layer_copies")
 POLICIES = ("full", "on_demand", "auto")
 EVICTIONS = ("lru", "lfu", "flru")
+IDS_PATHS = ("host", "device")
 _SPAN_KINDS = ("copy", "wait", "hold")
 
 
@@ -118,6 +120,15 @@ class WeightStreamer:
             shared by all layers, so a cache smaller than one pass's working set makes LRU evict exactly
             what the next pass needs (bench_expert, 25% cache, skewed and recorded traces: LRU 0% at
             Qwen3 batch 8 and Mixtral batch 4, flru 2-41% there; at batch 1 within 4 points of LRU).
+        ids_path: on_demand/auto: how the routed ids reach the copy. ``"host"`` (the default): the host
+            reads them (on CUDA a device->host copy, i.e. a sync per layer-step; ``stats()`` times it)
+            and issues copy-engine copies into the shared pool above. ``"device"``: the
+            ``expert_cache_pull`` op reads them on the device and pulls the missing experts from mapped
+            pinned memory itself -- no sync, so a decode step can live in a CUDA graph. Each layer then
+            has its own region of ``cache_bytes / layers`` (LRU within the layer, ``eviction`` does
+            not apply); a step with more ids than the region holds slots (a prefill) takes the host
+            path (its pool is then scratch only, emptied after each step) -- decided from shapes, so
+            no sync either way. :meth:`predict` is a no-op for layers with a region.
 
     Use: ``i = s.add_layer(w13, w2)`` for each layer, then per forward and layer
     ``w13, w2 = s.acquire(i)`` ... compute ... ``s.release(i)``. The views are valid until release.
@@ -133,7 +144,7 @@ class WeightStreamer:
     def __init__(self, device: Union[str, torch.device] = "cuda", slots: int = 2, prefetch_depth: int = 1,
                  mode: str = "full", *, trace: bool = False, timing: bool = True, test_copy_delay_us: int = 0,
                  test_fail_copy_at: int = -1, policy: str = "full", cache_bytes: int = 0,
-                 eviction: str = "flru") -> None:
+                 eviction: str = "flru", ids_path: str = "host") -> None:
         self._handle: Optional[int] = None
         dev = torch.device(device)
         if dev.type == "cuda":
@@ -151,7 +162,17 @@ class WeightStreamer:
             raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+        if ids_path not in IDS_PATHS:
+            raise ValueError(f"ids_path must be one of {', '.join(IDS_PATHS)}, got {ids_path!r}")
+        if ids_path == "device" and policy == "full":
+            raise ValueError("ids_path='device' needs policy 'on_demand' or 'auto' (policy 'full' moves whole "
+                             "layers and reads no ids)")
         self.policy = policy
+        self.ids_path = ids_path
+        self.cache_bytes = cache_bytes
+        # ids_path "device": the per-layer regions (built by prepare_device_cache once every layer is
+        # added); the C++ streamer's own pool is then only scratch for the steps too wide for a region.
+        self._regions: Optional[list[Optional[_DeviceRegion]]] = None
         self.eviction = eviction
         self.device = dev
         self.mode = mode
@@ -159,13 +180,14 @@ class WeightStreamer:
         self.prefetch_depth = int(prefetch_depth)
         self._handle = torch.ops.moe_swap.streamer_create(
             str(dev), self.slots, self.prefetch_depth, mode, bool(trace), bool(timing), int(test_copy_delay_us),
-            int(test_fail_copy_at), policy, int(cache_bytes), eviction)
+            int(test_fail_copy_at), policy, 0 if ids_path == "device" else int(cache_bytes), eviction)
         _LAYER_META[self._handle] = []
 
     # ---- lifetime ----
     def close(self) -> None:
         """Wait for in-flight copies and free the host store and the slots. Idempotent."""
         handle, self._handle = self._handle, None
+        self._regions = None  # the host views keep the host store's memory alive
         if handle is not None:
             _LAYER_META.pop(handle, None)
             torch.ops.moe_swap.streamer_destroy(handle)
@@ -193,6 +215,9 @@ class WeightStreamer:
     def reserve_layer(self, w13_shape: Sequence[int], w2_shape: Sequence[int], dtype: torch.dtype) -> int:
         """Allocate a layer's exact-size host storage (``w13 [E, 2I, H]``, ``w2 [E, H, I]``); fill it
         with :meth:`write`. Returns the layer index."""
+        if self._regions is not None:
+            raise RuntimeError("reserve_layer/add_layer after prepare_device_cache(): the device cache is split "
+                               "over the layers it was built for; add every layer first")
         layer = torch.ops.moe_swap.streamer_reserve_layer(self.handle, list(w13_shape), list(w2_shape), dtype)
         _LAYER_META[self.handle].append((tuple(int(d) for d in w13_shape), tuple(int(d) for d in w2_shape),
                                          dtype, self.device))
@@ -328,20 +353,56 @@ class WeightStreamer:
     def moe(self, layer: int, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor,
             activation: str = "silu") -> Tensor:
         """One on_demand MoE step: acquire the routed experts, ``fused_moe`` on the cache with the
-        ``expert_map``, release. One opaque op: traces under ``torch.compile(fullgraph=True)``."""
+        ``expert_map``, release. One opaque op: traces under ``torch.compile(fullgraph=True)``.
+        With ``ids_path="device"``: ``expert_cache_pull`` then ``fused_moe`` on the layer's region
+        when the step fits it (two ops, no host sync), else the host path."""
+        if self.ids_path == "device":
+            if self._regions is None:
+                self.prepare_device_cache()
+            region = self._regions[layer] if 0 <= layer < len(self._regions) else None
+            if region is not None and region.fits(topk_ids):
+                return region.moe(hidden_states, topk_weights, topk_ids, activation)
         return torch.ops.moe_swap.streamer_moe(self.handle, layer, hidden_states, topk_weights, topk_ids,
                                                activation)
 
     def predict(self, layer: int, expert_ids: Tensor) -> None:
         """Start copying the experts in ``expert_ids`` (a guess at ``layer``'s next routing) that are
-        not cached; a hint. Its recall shows in ``stats()`` (``predicted_used / routed_distinct``)."""
+        not cached; a hint. Its recall shows in ``stats()`` (``predicted_used / routed_distinct``).
+        Ignored for a layer with a device region (``ids_path="device"``)."""
+        if self._regions is not None and 0 <= layer < len(self._regions) and self._regions[layer] is not None:
+            return
         torch.ops.moe_swap.streamer_predict(self.handle, layer, expert_ids)
+
+    def prepare_device_cache(self) -> None:
+        """``ids_path="device"``: split ``cache_bytes`` evenly over the layers added so far and allocate
+        each layer's region (``min(E, its share / bytes per expert)`` expert slots; none when that is
+        0). Called by the first :meth:`moe` if not before; call it before ``torch.compile`` or CUDA
+        graph capture so that no allocation happens inside. Idempotent."""
+        if self.ids_path != "device":
+            raise RuntimeError(f"prepare_device_cache() is for ids_path='device'; this streamer has "
+                               f"ids_path={self.ids_path!r}")
+        if self._regions is not None:
+            return
+        meta = _LAYER_META[self.handle]
+        if not meta:
+            raise RuntimeError("prepare_device_cache(): the streamer has no layers; add_layer first")
+        share = self.cache_bytes // len(meta)
+        regions: list[Optional[_DeviceRegion]] = []
+        for layer, (w13_shape, w2_shape, dtype, _) in enumerate(meta):
+            expert_bytes = (math.prod(w13_shape[1:]) + math.prod(w2_shape[1:])) * dtype.itemsize
+            slots = min(w13_shape[0], share // expert_bytes)
+            regions.append(_DeviceRegion(self.handle, layer, slots, self.device) if slots > 0 else None)
+        self._regions = regions
 
     def cache_state(self) -> dict:
         """The expert cache: pool slots, capacity (slots kept between steps), occupied slots, bytes
-        per expert, and ``(layer, expert)`` per slot (``-1, -1``: empty)."""
+        per expert, and ``(layer, expert)`` per slot (``-1, -1``: empty). ``ids_path="device"``: also
+        ``device_regions``, per layer the region's ``(slots, expert per slot)`` (``None``: no region)."""
         info, table = torch.ops.moe_swap.streamer_cache_state(self.handle)
-        return {"slots": info[0], "capacity": info[1], "occupied": info[2], "expert_bytes": info[3],
+        out = {}
+        if self._regions is not None:
+            out["device_regions"] = [None if r is None else (r.slots, r.slot_expert.tolist()) for r in self._regions]
+        return out | {"slots": info[0], "capacity": info[1], "occupied": info[2], "expert_bytes": info[3],
                 # policy auto's measured cost model (None until the cache is first allocated)
                 "copy_overhead_us": info[4] / 1e3 if info[4] >= 0 else None,
                 "copy_gb_per_s": info[5] / 1e9 if info[5] >= 0 else None,
@@ -376,8 +437,19 @@ class WeightStreamer:
         table, trace = torch.ops.moe_swap.streamer_stats(self.handle)
         info = self._info()
         layers = []
-        for row in table.tolist():
+        device_rows = [None] * len(table)
+        if self._regions is not None:
+            device_rows = [None if r is None else r.counts() for r in self._regions]
+        for row, device_row in zip(table.tolist(), device_rows):
             entry = dict(zip(_STATS_COLUMNS, row))
+            entry["device_steps"] = 0
+            if device_row is not None:  # the device path's steps (their hits/misses live on the device)
+                steps, hits, misses, expert_bytes = device_row
+                entry["device_steps"] = steps
+                entry["expert_hits"] += hits
+                entry["expert_misses"] += misses
+                entry["routed_distinct"] += hits + misses
+                entry["bytes_copied"] += misses * expert_bytes
             entry["wait_ms"] = entry.pop("wait_ns") / 1e6
             entry["ids_to_host_ms"] = entry.pop("ids_to_host_ns") / 1e6
             lookups = entry["expert_hits"] + entry["expert_misses"]
@@ -398,7 +470,8 @@ class WeightStreamer:
             hits = sum(l["expert_hits"] for l in layers)
             misses = sum(l["expert_misses"] for l in layers)
             routed = sum(l["routed_distinct"] for l in layers)
-            out.update(policy=self.policy, eviction=self.eviction, expert_hits=hits, expert_misses=misses,
+            out.update(policy=self.policy, eviction=self.eviction, ids_path=self.ids_path,
+                       device_steps=sum(l["device_steps"] for l in layers), expert_hits=hits, expert_misses=misses,
                        evictions=sum(l["evictions"] for l in layers), hit_rate=hits / (hits + misses) if hits + misses else 0.0,
                        predicted=sum(l["predicted"] for l in layers),
                        prediction_recall=sum(l["predicted_used"] for l in layers) / routed if routed else 0.0,
@@ -413,6 +486,42 @@ class WeightStreamer:
             return "WeightStreamer(closed)"
         return (f"WeightStreamer(device={str(self.device)!r}, slots={self.slots}, prefetch_depth={self.prefetch_depth}, "
                 f"mode={self.mode!r}, policy={self.policy!r}, layers={self.num_layers}, host_bytes={self.host_bytes})")
+
+
+class _DeviceRegion:
+    """One layer's region of the device-side expert cache (``ids_path="device"``): ``slots`` expert
+    slots, their state as tensors on the device (which expert each holds, last use, the layer's clock,
+    the hit/miss counters) and zero-copy device views of the layer's host-store weights to pull from."""
+
+    def __init__(self, handle: int, layer: int, slots: int, device: torch.device) -> None:
+        self.host_w13, self.host_w2 = torch.ops.moe_swap.streamer_host_device_views(handle, layer)
+        self.num_experts = self.host_w13.shape[0]
+        self.slots = slots
+        self.expert_bytes = (self.host_w13[0].numel() + self.host_w2[0].numel()) * self.host_w13.element_size()
+        dtype = self.host_w13.dtype
+        self.pool_w13 = torch.empty((slots, *self.host_w13.shape[1:]), dtype=dtype, device=device)
+        self.pool_w2 = torch.empty((slots, *self.host_w2.shape[1:]), dtype=dtype, device=device)
+        self.slot_expert = torch.full((slots,), -1, dtype=torch.int32, device=device)
+        self.slot_stamp = torch.zeros(slots, dtype=torch.int64, device=device)
+        self.clock = torch.zeros(1, dtype=torch.int64, device=device)  # one tick per step: the step count
+        self.expert_map = torch.empty(self.num_experts, dtype=torch.int32, device=device)
+        self.counters = torch.zeros(2, dtype=torch.int64, device=device)  # hits, misses
+
+    def fits(self, topk_ids: Tensor) -> bool:
+        # a step routes at most min(E, ids) distinct experts: from the shape alone, no sync
+        return self.slots >= min(self.num_experts, topk_ids.numel())
+
+    def moe(self, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str) -> Tensor:
+        torch.ops.moe_swap.expert_cache_pull(topk_ids, self.host_w13, self.host_w2, self.pool_w13, self.pool_w2, 0,
+                                             self.slot_expert, self.slot_stamp, self.clock, self.expert_map,
+                                             self.counters)
+        return torch.ops.moe_swap.fused_moe(hidden_states, self.pool_w13, self.pool_w2, topk_weights, topk_ids,
+                                            self.expert_map, activation)
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """(steps, hits, misses, bytes per expert), read from the device."""
+        hits, misses = self.counters.tolist()
+        return int(self.clock.item()), hits, misses, self.expert_bytes
 
 
 def live_counts() -> dict:

@@ -7,6 +7,8 @@
 //   2. pull (grid: blocks x C list entries): each block copies its share of one listed expert from
 //      the mapped pinned host view (zero-copy reads over PCIe by the SMs) into its pool slot, in
 //      16-byte words when every address allows it. Entries past the list's length exit at once.
+//      Zero-copy reads need many requests in flight to fill the link, so a small region (decode:
+//      a few experts) gets more blocks per expert: about 4 blocks per SM over the whole region.
 //
 // NOTE: compiled for sm_90 but never run on a GPU. Out-of-range ids are skipped (never read out
 // of bounds); with set_debug(True) they raise at the launch check instead.
@@ -15,6 +17,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "core/checks.h"
@@ -26,7 +29,8 @@ namespace {
 
 constexpr int kPlanThreads = 256;
 constexpr int kPullThreads = 256;
-constexpr int kPullBlocksPerExpert = 16;
+constexpr int kMinPullBlocksPerExpert = 16;
+constexpr int kMaxPullBlocksPerExpert = 1024;
 
 template <typename Id>
 __global__ void plan_pull_kernel(const Id* __restrict__ ids, int64_t num_ids, int num_experts, int num_slots,
@@ -163,7 +167,10 @@ void expert_cache_pull_cuda(const at::Tensor& topk_ids, const at::Tensor& host_w
   }
   MOE_SWAP_LAUNCH_CHECK();
   if (C == 0) return;
-  const dim3 grid(kPullBlocksPerExpert, static_cast<unsigned>(C));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t per_expert =
+      std::clamp<int64_t>((4 * sms + C - 1) / C, kMinPullBlocksPerExpert, kMaxPullBlocksPerExpert);
+  const dim3 grid(static_cast<unsigned>(per_expert), static_cast<unsigned>(C));
   pull_experts_kernel<<<grid, kPullThreads, 0, stream>>>(
       static_cast<const unsigned char*>(host_w13.data_ptr()), static_cast<const unsigned char*>(host_w2.data_ptr()),
       static_cast<unsigned char*>(pool_w13.data_ptr()), static_cast<unsigned char*>(pool_w2.data_ptr()),

@@ -161,6 +161,16 @@ std::tuple<at::Tensor, at::Tensor> Streamer::host_copy(int64_t layer) {
   return {store_.host_view(layer, 0).clone(), store_.host_view(layer, 1).clone()};
 }
 
+std::tuple<at::Tensor, at::Tensor> Streamer::host_device_views(int64_t layer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_layer("host_device_views", layer);
+  const LayerLayout& l = store_.layout(layer);
+  TORCH_CHECK(store_.bytes_written(layer) >= l.host_bytes(), "host_device_views(", layer, "): layer ", layer,
+              " has ", store_.bytes_written(layer), " of its ", l.host_bytes(), " bytes written; fill it first");
+  return {backend_->uva_view(store_.block(layer, 0), l.w13_shape(), l.dtype),
+          backend_->uva_view(store_.block(layer, 1), l.w2_shape(), l.dtype)};
+}
+
 void Streamer::ensure_slots() {
   TORCH_CHECK(store_.num_layers() > 0, "the streamer has no layers: add_layer first");
   const size_t need[2] = {store_.max_bytes(0), store_.max_bytes(1)};
@@ -883,6 +893,10 @@ int64_t streamer_add_layer(int64_t handle, const at::Tensor& w13, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> streamer_host_copy(int64_t handle, int64_t layer) {
   return lookup(handle)->host_copy(layer);
+}
+
+std::tuple<at::Tensor, at::Tensor> streamer_host_device_views(int64_t handle, int64_t layer) {
+  return lookup(handle)->host_device_views(layer);
 }
 
 std::tuple<at::Tensor, at::Tensor> streamer_acquire(int64_t handle, int64_t layer, at::TensorList /*after*/) {

@@ -73,6 +73,9 @@ class Streamer {
   int64_t reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_shape, at::ScalarType dtype);
   void write(int64_t layer, int64_t which, int64_t expert_start, int64_t row_offset, const at::Tensor& src);
   std::tuple<at::Tensor, at::Tensor> host_copy(int64_t layer);
+  // The layer's host-store weights as tensors on the streamer's device that read host memory
+  // directly (CUDA: mapped pinned memory; CPU: the store itself), for expert_cache_pull. No copy.
+  std::tuple<at::Tensor, at::Tensor> host_device_views(int64_t layer);
   std::tuple<at::Tensor, at::Tensor> acquire(int64_t layer);
   void prefetch(int64_t layer);
   void release(int64_t layer);
@@ -175,6 +178,7 @@ void streamer_write(int64_t handle, int64_t layer, int64_t which, int64_t expert
                     const at::Tensor& src);
 int64_t streamer_add_layer(int64_t handle, const at::Tensor& w13, const at::Tensor& w2);
 std::tuple<at::Tensor, at::Tensor> streamer_host_copy(int64_t handle, int64_t layer);
+std::tuple<at::Tensor, at::Tensor> streamer_host_device_views(int64_t handle, int64_t layer);
 std::tuple<at::Tensor, at::Tensor> streamer_acquire(int64_t handle, int64_t layer, at::TensorList after);
 void streamer_prefetch(int64_t handle, int64_t layer);
 void streamer_release(int64_t handle, int64_t layer, at::TensorList after);

@@ -1,0 +1,154 @@
+"""ids_path="device" of the weight streamer: expert_cache_pull reads the routed ids where they are and
+pulls the missing experts into a per-layer region, no host sync (CPU backend here; on CUDA the same
+code runs with mapped pinned memory, covered by the *_cuda cases). Oracle: fused_moe on the layer's
+whole weights, and checksums of the host store's experts."""
+
+import warnings
+import zlib
+
+import pytest
+import torch
+
+from moe_swap import WeightStreamer
+from moe_swap.ops import fused_moe, topk_route
+from conftest import DEVICES
+
+from test_expert_cache import random_layers
+
+
+def checksum(t: torch.Tensor) -> int:
+    return zlib.crc32(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def device_streamer(layers, cache_experts_per_layer, device="cpu", policy="on_demand"):
+    w13, w2 = layers[0]
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    s = WeightStreamer(device, policy=policy, ids_path="device",
+                       cache_bytes=cache_experts_per_layer * expert_bytes * len(layers))
+    for a, b in layers:
+        s.add_layer(a, b)
+    return s
+
+
+def route(tokens, experts, top_k, device="cpu"):
+    weights, ids = topk_route(torch.randn(tokens, experts, device=device), top_k, renormalize=True)
+    return weights, ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("experts, top_k, region", [(8, 2, 2), (8, 2, 5), (16, 4, 16), (32, 3, 12)])
+def test_every_step_computes_with_the_right_experts(device, experts, top_k, region):
+    layers = random_layers(3, experts)
+    sums = [[(checksum(w13[e]), checksum(w2[e])) for e in range(experts)] for w13, w2 in layers]
+    with device_streamer(layers, region, device=device) as s:
+        s.prepare_device_cache()
+        routed = 0
+        for step in range(10):
+            tokens = 1 + step % max(1, region // top_k)  # every step fits the region
+            for layer, (w13, w2) in enumerate(layers):
+                x = torch.randn(tokens, 16, device=device)
+                weights, ids = route(tokens, experts, top_k, device)
+                out = s.moe(layer, x, weights, ids)
+                torch.testing.assert_close(out, fused_moe(x, w13.to(device), w2.to(device), weights, ids))
+                r = s._regions[layer]
+                for e in set(ids.flatten().tolist()):  # the slot the map names holds that expert
+                    slot = int(r.expert_map[e])
+                    assert (checksum(r.pool_w13[slot]), checksum(r.pool_w2[slot])) == sums[layer][e]
+                routed += len(set(ids.flatten().tolist()))
+        stats = s.stats()
+        assert stats["device_steps"] == 30 and stats["ids_path"] == "device"
+        assert stats["expert_hits"] + stats["expert_misses"] == routed
+        expert_bytes = (layers[0][0][0].numel() + layers[0][1][0].numel()) * 4
+        assert stats["bytes_copied"] == stats["expert_misses"] * expert_bytes
+        assert stats["ids_to_host_ms"] == 0  # the ids never went to the host
+        if region == experts:  # every expert fits: after the first touch, only hits
+            assert stats["expert_misses"] <= 3 * experts
+
+
+def test_a_region_keeps_recent_experts_across_steps():
+    layers = random_layers(1, 8)
+    with device_streamer(layers, 4) as s:
+        x = torch.randn(1, 16)
+        weights = torch.full((1, 2), 0.5)
+        for ids in ([[0, 1]], [[2, 3]], [[0, 1]], [[4, 5]], [[0, 1]]):
+            s.moe(0, x, weights, torch.tensor(ids, dtype=torch.int32))
+        stats = s.stats()["layers"][0]
+        # misses: 0,1 / 2,3 / - / 4,5 (evicting 2,3, the least recently used) / -
+        assert (stats["expert_hits"], stats["expert_misses"]) == (4, 6)
+        assert sorted(s.cache_state()["device_regions"][0][1]) == [0, 1, 4, 5]
+
+
+def test_wide_steps_take_the_host_path_and_give_the_same_output():
+    layers = random_layers(2, 8)
+    with device_streamer(layers, 2, policy="auto") as s:
+        for tokens in (1, 16, 1):  # 2 ids fit the 2-slot region; 32 ids do not
+            for layer, (w13, w2) in enumerate(layers):
+                x = torch.randn(tokens, 16)
+                weights, ids = route(tokens, 8, 2)
+                torch.testing.assert_close(s.moe(layer, x, weights, ids), fused_moe(x, w13, w2, weights, ids))
+        stats = s.stats()
+        assert stats["device_steps"] == 4
+        assert sum(l["acquires"] for l in stats["layers"]) == 2  # the host path's steps
+        # the host path keeps nothing between steps: the budget belongs to the regions
+        assert s.cache_state()["occupied"] == 0 and s.cache_state()["capacity"] == 0
+
+
+def test_zero_budget_has_no_regions_and_still_computes():
+    layers = random_layers(2, 8)
+    with device_streamer(layers, 0) as s:
+        for layer, (w13, w2) in enumerate(layers):
+            x = torch.randn(3, 16)
+            weights, ids = route(3, 8, 2)
+            torch.testing.assert_close(s.moe(layer, x, weights, ids), fused_moe(x, w13, w2, weights, ids))
+        assert s.cache_state()["device_regions"] == [None, None]
+        assert s.stats()["device_steps"] == 0
+
+
+def test_prediction_is_ignored_for_layers_with_a_region():
+    layers = random_layers(2, 8)
+    with device_streamer(layers, 2) as s:
+        s.prepare_device_cache()
+        s.predict(1, torch.tensor([[3, 4]]))
+        assert s.stats()["predicted"] == 0
+
+
+def test_device_path_traces_under_torch_compile():
+    layers = random_layers(2, 8)
+    with device_streamer(layers, 4) as s:
+        s.prepare_device_cache()
+
+        def step(x, weights, ids):
+            return s.moe(1, s.moe(0, x, weights, ids), weights, ids)
+
+        x = torch.randn(2, 16)
+        weights, ids = route(2, 8, 2)
+        expected = fused_moe(fused_moe(x, *layers[0], weights, ids), *layers[1], weights, ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = torch.compile(step, fullgraph=True)
+            torch.testing.assert_close(compiled(x, weights, ids), expected)
+            weights, ids = route(2, 8, 2)  # new routing, same graph: the region's state is data
+            expected = fused_moe(fused_moe(x, *layers[0], weights, ids), *layers[1], weights, ids)
+            torch.testing.assert_close(compiled(x, weights, ids), expected)
+        assert s.stats()["device_steps"] == 4
+
+
+def test_bad_arguments_raise_clearly():
+    with pytest.raises(ValueError, match="ids_path must be one of host, device, got 'gpu'"):
+        WeightStreamer("cpu", policy="on_demand", ids_path="gpu")
+    with pytest.raises(ValueError, match="ids_path='device' needs policy 'on_demand' or 'auto'"):
+        WeightStreamer("cpu", ids_path="device")
+    with WeightStreamer("cpu", policy="on_demand") as s:
+        with pytest.raises(RuntimeError, match="is for ids_path='device'"):
+            s.prepare_device_cache()
+    with WeightStreamer("cpu", policy="on_demand", ids_path="device", cache_bytes=1 << 20) as s:
+        with pytest.raises(RuntimeError, match="has no layers"):
+            s.prepare_device_cache()
+        s.add_layer(*random_layers(1, 4)[0])
+        s.prepare_device_cache()
+        with pytest.raises(RuntimeError, match="after prepare_device_cache"):
+            s.add_layer(*random_layers(1, 4)[0])
+        with pytest.raises(RuntimeError, match=r"expert ids in \[0, 4\), got 7"):
+            s.moe(0, torch.randn(1, 16), torch.ones(1, 1), torch.tensor([[7]]))
+        with pytest.raises(RuntimeError, match=r"layer must be in \[0, 1\), got 3"):
+            s.moe(3, torch.randn(1, 16), torch.ones(1, 1), torch.tensor([[1]]))
