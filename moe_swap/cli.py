@@ -138,7 +138,8 @@ def cmd_demo(args) -> int:
             _free(device)
 
         model = load(folder, device=device, gpu_budget=args.gpu_budget, policy=args.policy, slots=args.slots,
-                     mode=args.mode, dtype=dtype, eviction=args.eviction, predict=args.predict)
+                     mode=args.mode, dtype=dtype, eviction=args.eviction, predict=args.predict,
+                     ids_path=args.ids_path)
         report = model.moe_swap_report
         dtype = next(model.parameters()).dtype
         print(report)
@@ -432,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="on_demand/auto: expert-cache eviction lru, lfu or flru (frequency-weighted LRU; default flru)")
     demo.add_argument("--predict", action="store_true",
                       help="on_demand/auto: copy the next layer's predicted experts during this layer's compute")
+    demo.add_argument("--ids-path", default="host", choices=("host", "device"),
+                      help="on_demand/auto: the host reads the routed ids (a sync on CUDA), or expert_cache_pull "
+                           "reads them on the device (no sync; a cache region per layer) (default host)")
     demo.add_argument("--mode", default="full", choices=("full", "sync", "uva"), help="streamer mode (default full)")
     demo.add_argument("--new-tokens", type=int, default=16, help="tokens to generate per sequence (default 16)")
     demo.add_argument("--batch", type=int, default=1, help="sequences (default 1)")

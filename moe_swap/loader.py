@@ -227,6 +227,7 @@ def load(
     dtype: Optional[torch.dtype] = None,
     eviction: str = "flru",
     predict: bool = False,
+    ids_path: str = "host",
 ):
     """Build a model from a safetensors folder with its experts streamed (see :func:`moe_swap.offload`).
 
@@ -242,7 +243,7 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_policy_and_mode(policy, mode, eviction)
+    _check_policy_and_mode(policy, mode, eviction, ids_path, predict)
     dev = _check_device(device)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"path={path!r} has no config.json (expected a Hugging Face checkpoint folder)")
@@ -306,7 +307,7 @@ def load(
             model, family, layers, lambda layer: _read_layer_experts(layer, family, index, dtype),
             element_size, dev, gpu_budget, policy, mode, slots, prefetch_depth, move_rest=True,
             add_streamed=lambda layer, streamer: _stream_layer_experts(layer, family, index, dtype, streamer),
-            eviction=eviction, predict=predict)
+            eviction=eviction, predict=predict, ids_path=ids_path)
     report.load = {
         "seconds": time.perf_counter() - started,
         "peak_host_bytes": peak_host_memory(),

@@ -26,11 +26,10 @@ from . import models
 from .models import Family, MoELayer
 from .ops import fused_moe, topk_route
 from .planner import format_bytes, plan_placement
+from .streamer import EVICTIONS, IDS_PATHS, POLICIES, WeightStreamer
 
 __all__ = ["offload", "OffloadReport", "POLICIES", "MODES"]
 
-POLICIES = ("full", "on_demand", "auto")
-EVICTIONS = ("lru", "lfu", "flru")
 MODES = ("full", "sync", "uva")
 EXPERTS_IMPLEMENTATION = "moe_swap"
 
@@ -57,6 +56,7 @@ class OffloadReport:
     cache_bytes: int = 0  # policy on_demand: the expert cache's byte budget
     eviction: str = ""  # policy on_demand: the cache's eviction policy
     predict: bool = False  # policy on_demand: next-layer prediction on
+    ids_path: str = ""  # policy on_demand: "host" (the host reads the routed ids) or "device" (expert_cache_pull)
     load: Optional[dict] = None  # filled by moe_swap.load: seconds, peak host memory
     streamer: Any = field(default=None, repr=False)
 
@@ -78,8 +78,12 @@ class OffloadReport:
             ("ring slots", f"{self.slots} x {format_bytes(self.slot_bytes)}" if self.slots else "none"),
         ]
         if self.policy in ("on_demand", "auto"):
-            rows.append(("expert cache", f"{format_bytes(self.cache_bytes)}, eviction {self.eviction}, prediction "
-                                         f"{'on' if self.predict else 'off'}"))
+            if self.ids_path == "device":
+                rows.append(("expert cache", f"{format_bytes(self.cache_bytes)}, routed ids read on the device "
+                                             f"(a region per layer, LRU; wide steps on the host path)"))
+            else:
+                rows.append(("expert cache", f"{format_bytes(self.cache_bytes)}, eviction {self.eviction}, "
+                                             f"prediction {'on' if self.predict else 'off'}"))
         rows += [
             ("device weights", format_bytes(self.device_bytes)
              + (f" (budget {format_bytes(self.gpu_budget)})" if self.gpu_budget is not None else "")),
@@ -97,23 +101,24 @@ class OffloadReport:
 
     def cache_table(self) -> str:
         """Per streamed layer: expert-cache hits, misses, hit rate, bytes copied, evictions, prediction
-        recall, and time spent bringing the routed ids to the host (policy on_demand; '' otherwise)."""
+        recall, time spent bringing the routed ids to the host, whole-layer copies and steps taken on the
+        device path (policy on_demand; '' otherwise)."""
         if self.policy not in ("on_demand", "auto") or self.streamer is None:
             return ""
         stats = self.streamer.stats()
         header = ("layer", "hits", "misses", "hit rate", "copied", "evictions", "predicted", "recall", "ids->host",
-                  "whole-layer copies")
+                  "whole-layer copies", "device steps")
         rows = []
         for position, entry in zip(self.streamed_layers, stats["layers"]):
             rows.append((str(position), str(entry["expert_hits"]), str(entry["expert_misses"]),
                          f"{100 * entry['hit_rate']:.1f}%", format_bytes(entry["bytes_copied"]),
                          str(entry["evictions"]), str(entry["predicted"]),
                          f"{100 * entry['prediction_recall']:.1f}%", f"{entry['ids_to_host_ms']:.2f} ms",
-                         str(entry["layer_copies"])))
+                         str(entry["layer_copies"]), str(entry["device_steps"])))
         rows.append(("all", str(stats["expert_hits"]), str(stats["expert_misses"]), f"{100 * stats['hit_rate']:.1f}%",
                      format_bytes(stats["bytes_copied"]), str(stats["evictions"]), str(stats["predicted"]),
                      f"{100 * stats['prediction_recall']:.1f}%", f"{stats['ids_to_host_ms']:.2f} ms",
-                     str(stats["layer_copies"])))
+                     str(stats["layer_copies"]), str(stats["device_steps"])))
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
         fmt = lambda r: "  " + "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
         return "\n".join(["expert cache per streamed layer", fmt(header)] + [fmt(r) for r in rows])
@@ -229,7 +234,8 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
     return dev
 
 
-def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru") -> None:
+def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru", ids_path: str = "host",
+                           predict: bool = False) -> None:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if mode not in MODES:
@@ -240,6 +246,12 @@ def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru") -> No
         raise ValueError(f"policy={policy!r} needs mode='full' (copies on the copy engine), got mode={mode!r}")
     if eviction not in EVICTIONS:
         raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+    if ids_path not in IDS_PATHS:
+        raise ValueError(f"ids_path must be one of {', '.join(IDS_PATHS)}, got {ids_path!r}")
+    if ids_path == "device" and policy == "full":
+        raise ValueError("ids_path='device' needs policy 'on_demand' or 'auto' (policy 'full' reads no ids)")
+    if ids_path == "device" and predict:
+        raise ValueError("predict=True needs ids_path='host': the device path's regions take no predictions")
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -265,6 +277,7 @@ def _offload(
     add_streamed: Optional[Callable] = None,
     eviction: str = "flru",
     predict: bool = False,
+    ids_path: str = "host",
 ) -> OffloadReport:
     """Shared by offload() (experts read from the model) and load() (experts read from a checkpoint).
 
@@ -280,12 +293,10 @@ def _offload(
 
     streamer = None
     if plan.streamed:
-        from . import WeightStreamer  # the streamer lives in its own module; imported when needed
-
         if policy != "full":
             # the ring is unused on demand; its two event channels carry demand and predicted copies
             streamer = WeightStreamer(device=str(device), slots=2, prefetch_depth=1, mode=mode, policy=policy,
-                                      cache_bytes=plan.cache_bytes, eviction=eviction)
+                                      cache_bytes=plan.cache_bytes, eviction=eviction, ids_path=ids_path)
         else:
             streamer = WeightStreamer(device=str(device), slots=plan.slots, prefetch_depth=prefetch_depth,
                                       mode=mode)
@@ -323,6 +334,8 @@ def _offload(
 
     if move_rest:
         model.to(device)
+    if streamer is not None and ids_path == "device":
+        streamer.prepare_device_cache()  # allocated now, not inside a compiled or captured forward
     if predict and policy != "full":
         for position, state in states.items():
             following = states.get(position + 1)  # the next MoE layer, when it streams too
@@ -356,6 +369,7 @@ def _offload(
         cache_bytes=plan.cache_bytes,
         eviction=eviction if policy != "full" else "",
         predict=bool(predict and policy != "full"),
+        ids_path=ids_path if policy != "full" else "",
     )
     model.moe_swap_report = report
     for message in report.warnings:
@@ -388,6 +402,7 @@ def offload(
     mode: str = "full",
     eviction: str = "flru",
     predict: bool = False,
+    ids_path: str = "host",
 ) -> OffloadReport:
     """Stream a Hugging Face MoE model's experts from host memory; returns a report.
 
@@ -411,6 +426,10 @@ def offload(
             LRU), ``"lru"`` or ``"lfu"`` (see :class:`moe_swap.WeightStreamer`).
         predict: on_demand: apply the next MoE layer's router to this layer's input and start copying
             its likely experts during this layer's compute (recall in ``report.cache_table()``).
+        ids_path: on_demand: ``"host"`` (default; the host reads each step's routed ids -- a sync on
+            CUDA -- and issues copy-engine copies) or ``"device"`` (``expert_cache_pull`` reads them on
+            the device and pulls from mapped pinned memory: no sync; the cache is split into a region per
+            layer; see :class:`moe_swap.WeightStreamer`).
 
     The expert parameters are removed from the model (their memory is freed once nothing else holds
     them); the model is modified in place and keeps working with ``model.generate`` and
@@ -420,7 +439,7 @@ def offload(
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     if getattr(model, "moe_swap_report", None) is not None:
         raise ValueError("this model has already been offloaded by moe_swap; offload a fresh model")
-    _check_policy_and_mode(policy, mode, eviction)
+    _check_policy_and_mode(policy, mode, eviction, ids_path, predict)
     dev = _check_device(device)
     family = models.family_for_config(model.config)
     layers = models.find_moe_layers(model, family)
@@ -431,4 +450,4 @@ def offload(
     with torch.no_grad():
         return _offload(model, family, layers, lambda layer: models.take_expert_weights(layer, family),
                         element_size, dev, gpu_budget, policy, mode, slots, prefetch_depth, move_rest=True,
-                        eviction=eviction, predict=predict)
+                        eviction=eviction, predict=predict, ids_path=ids_path)

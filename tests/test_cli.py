@@ -106,3 +106,10 @@ def test_demo_on_demand_prints_the_cache_table(tiny_config, capsys):
                      "--eviction", "flru", "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "expert cache per streamed layer" in out and "hit rate" in out and "OK:" in out
+
+
+def test_demo_device_ids_path(tiny_config, capsys):
+    assert cli.main(["demo", "--config", tiny_config, "--device", "cpu", "--policy", "on_demand", "--ids-path",
+                     "device", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "routed ids read on the device" in out and "device steps" in out and "OK:" in out

@@ -30,6 +30,31 @@ def test_on_demand_equals_full(model_type, policy):
     assert stats["expert_misses"] > 0 and stats["bytes_copied"] > 0
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_device_ids_path_equals_full(model_type):
+    # the device path at decode (one sequence: its steps fit a region of the default budget's cache,
+    # two layers' worth split over three), the host path for the prompt
+    model = tiny_model(model_type)
+    ids = prompt(batch=1)
+    full, _ = offloaded(model, policy="full")
+    device, report = offloaded(model, policy="on_demand", ids_path="device")
+    torch.testing.assert_close(logits(device, ids), logits(full, ids), rtol=0, atol=0)
+    assert torch.equal(greedy(device, ids), greedy(full, ids))
+    stats = report.stats()
+    assert stats["device_steps"] > 0 and stats["expert_misses"] > 0 and stats["ids_path"] == "device"
+    assert "device steps" in report.cache_table() and "routed ids read on the device" in str(report)
+
+
+def test_device_ids_path_bad_combinations_raise():
+    model = tiny_model("mixtral")
+    with pytest.raises(ValueError, match="ids_path must be one of host, device, got 'cuda'"):
+        offloaded(model, policy="on_demand", ids_path="cuda")
+    with pytest.raises(ValueError, match="ids_path='device' needs policy 'on_demand' or 'auto'"):
+        offloaded(model, ids_path="device")
+    with pytest.raises(ValueError, match="predict=True needs ids_path='host'"):
+        offloaded(model, policy="on_demand", ids_path="device", predict=True)
+
+
 @pytest.mark.parametrize("eviction", ["lru", "lfu", "flru"])
 @pytest.mark.parametrize("predict", [False, True])
 def test_small_cache_every_eviction_with_and_without_prediction(eviction, predict):
@@ -52,16 +77,20 @@ def test_small_cache_every_eviction_with_and_without_prediction(eviction, predic
     assert "expert cache" in str(report) and eviction in str(report)
 
 
-def test_on_demand_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("ids_path", ["host", "device"])
+def test_on_demand_torch_compile_fullgraph_matches_eager(ids_path):
     model = tiny_model("qwen3_moe", num_hidden_layers=2)
-    moe_swap.offload(model, device="cpu", policy="on_demand", predict=True)
-    ids = prompt()
+    report = moe_swap.offload(model, device="cpu", policy="on_demand", predict=ids_path == "host", ids_path=ids_path)
+    # device: one token, so every step takes the device path (expert_cache_pull + fused_moe in the graph)
+    ids = prompt() if ids_path == "host" else prompt(batch=1, length=1)
     expected = logits(model, ids)
     compiled = torch.compile(model, fullgraph=True)  # streamer_moe is one opaque op: no graph break
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = logits(compiled, ids)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if ids_path == "device":
+        assert report.stats()["device_steps"] == 2 * len(report.streamed_layers)  # eager + compiled
 
 
 def test_on_demand_needs_less_than_full_at_the_minimum():
