@@ -10,6 +10,11 @@ is in every row):
   zipf       steep Zipf popularity (exponent 1.2) -- FLATTERING to a cache, reported for comparison;
   recorded   the routing of the demo model (shipped config, seeded random weights; the Qwen3 shape
              uses that config with 128 experts, top-8) recorded while it generates.
+Policies: full (whole layers through the ring), on_demand_cold (a cache of 0 bytes), on_demand and
+auto (a cache of CACHE_SHARE of all experts; the host reads the routed ids: a sync per layer-step on
+CUDA), on_demand_device (the same budget as per-layer regions; expert_cache_pull reads the ids on the
+device and pulls from mapped pinned memory, no sync; a step with more ids than its region has slots
+takes the host path, with no cache).
 Per shape, trace, policy and batch size: bytes copied per token, tokens/s, hit rate, time to bring
 the routed ids to the host, and the cold-cache bytes against the bytes of the distinct routed experts.
 Prediction recall (next layer's router on this layer's input) needs a real router, so it is measured on
@@ -45,7 +50,7 @@ SHAPES = {  # name: (H, I, E, top_k) of the real model, and the demo config its 
     "qwen3": ((2048, 768, 128, 8), "qwen3_moe_small"),
 }
 TRACES = ("uniform", "skewed", "zipf", "recorded")
-POLICIES = ("full", "on_demand_cold", "on_demand", "auto")
+POLICIES = ("full", "on_demand_cold", "on_demand", "on_demand_device", "auto")
 CACHE_SHARE = 0.25  # the cache holds this share of all streamed experts
 
 
@@ -179,9 +184,12 @@ def make_streamer(policy: str, device: str, weights, cache_bytes: int) -> Weight
         s = WeightStreamer(device, slots=2, prefetch_depth=1)
     else:
         s = WeightStreamer(device, policy="auto" if policy == "auto" else "on_demand",
-                           cache_bytes=0 if policy == "on_demand_cold" else cache_bytes)
+                           cache_bytes=0 if policy == "on_demand_cold" else cache_bytes,
+                           ids_path="device" if policy == "on_demand_device" else "host")
     for w13, w2 in weights:
         s.add_layer(w13, w2)
+    if policy == "on_demand_device":
+        s.prepare_device_cache()
     return s
 
 
@@ -224,7 +232,8 @@ def measure(policy, device, weights, trace, warm_steps, cache_bytes, dtype):
         misses = after["expert_misses"] - before["expert_misses"]
         row.update(hit_rate=hits / (hits + misses) if hits + misses else 0.0,
                    ids_to_host_ms_per_layer_step=(after["ids_to_host_ms"] - before["ids_to_host_ms"]) / (timed * layers),
-                   whole_layer_copies=after["layer_copies"] - before["layer_copies"])
+                   whole_layer_copies=after["layer_copies"] - before["layer_copies"],
+                   device_step_share=(after["device_steps"] - before["device_steps"]) / (timed * layers))
     return row
 
 
@@ -328,8 +337,8 @@ def main() -> int:
                "steps": args.steps, "warm_steps": warm, "repeats": args.repeats, "cache_share": CACHE_SHARE, "batch_sizes": batches,
                "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M"), "shapes": {}}
 
-    header = f"{'shape':8} {'trace':9} {'B':>2} {'policy':15} {'tok/s':>9} {'MiB/token':>10} {'x distinct':>10} " \
-             f"{'hit rate':>8} {'ids->host':>10} {'x full tok/s':>12}"
+    header = f"{'shape':8} {'trace':9} {'B':>2} {'policy':16} {'tok/s':>9} {'MiB/token':>10} {'x distinct':>10} " \
+             f"{'hit rate':>8} {'ids->host':>10} {'x full tok/s':>12} {'device steps':>12}"
     print(header)
     for shape in args.shapes.split(","):
         (H, I, E, top_k), _ = SHAPES[shape]
@@ -359,10 +368,10 @@ def main() -> int:
                     entry["runs"].append(row)
                 for policy, row in rows.items():
                     row["speedup_vs_full"] = row["tokens_per_s"] / rows["full"]["tokens_per_s"]
-                    print(f"{shape:8} {trace_kind:9} {batch:>2} {policy:15} {row['tokens_per_s']:9.1f} "
+                    print(f"{shape:8} {trace_kind:9} {batch:>2} {policy:16} {row['tokens_per_s']:9.1f} "
                           f"{row['bytes_per_token'] / 2**20:10.3f} {row['bytes_per_token'] / bound:10.2f} "
                           f"{100 * row.get('hit_rate', 0):7.1f}% {row.get('ids_to_host_ms_per_layer_step', 0):8.3f}ms "
-                          f"{row['speedup_vs_full']:12.2f}")
+                          f"{row['speedup_vs_full']:12.2f} {100 * row.get('device_step_share', 0):11.0f}%")
         entry["prefill"] = prefill(device, weights, args.prefill_tokens, cache_bytes, dtype)
         print(f"{shape:8} prefill {args.prefill_tokens} tokens: " + ", ".join(
             f"{k} {v['seconds'] * 1e3:.1f} ms" for k, v in entry["prefill"].items())
