@@ -6,6 +6,7 @@
 #
 #   bash scripts/gpu_check.sh            # OUT=./gpu_results
 #   OUT=/tmp/r bash scripts/gpu_check.sh
+#   TESTS=0 BENCHES="expert ops" bash scripts/gpu_check.sh   # a second run: skip the tests, pick benchmarks
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_results}"
@@ -48,14 +49,18 @@ fi
 
 # 2. Tests. First the CUDA cases with the debug switch on (synchronise and check after every launch,
 # so a fault names its kernel), then the whole suite as users run it.
-t0=$(date +%s)
-MOE_SWAP_DEBUG=1 timeout "$(budget 150)" "$PY" -m pytest tests -q -rs -k "cuda" -p no:cacheprovider >"$OUT/tests.log" 2>&1
-rc=$?
-echo "---- full suite ----" >>"$OUT/tests.log"
-timeout "$(budget 180)" "$PY" -m pytest tests -q -rs -p no:cacheprovider >>"$OUT/tests.log" 2>&1
-rc2=$?
-status "tests (debug, cuda cases)" "$(grep -E '(passed|failed|error)' "$OUT/tests.log" | head -1) rc=$rc"
-status "tests (full suite)" "$(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1) rc=$rc2 ($(( $(date +%s) - t0 )) s)"
+if [ "${TESTS:-1}" != 0 ]; then
+  t0=$(date +%s)
+  MOE_SWAP_DEBUG=1 timeout "$(budget 150)" "$PY" -m pytest tests -q -rs -k "cuda" -p no:cacheprovider >"$OUT/tests.log" 2>&1
+  rc=$?
+  echo "---- full suite ----" >>"$OUT/tests.log"
+  timeout "$(budget 180)" "$PY" -m pytest tests -q -rs -p no:cacheprovider >>"$OUT/tests.log" 2>&1
+  rc2=$?
+  status "tests (debug, cuda cases)" "$(grep -E '(passed|failed|error)' "$OUT/tests.log" | head -1) rc=$rc"
+  status "tests (full suite)" "$(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1) rc=$rc2 ($(( $(date +%s) - t0 )) s)"
+else
+  status tests "skipped (TESTS=0)"
+fi
 
 # 3. Benchmarks, side by side, each writing JSON.
 run_bench() {  # name, seconds, command...
@@ -74,10 +79,17 @@ run_bench() {  # name, seconds, command...
   fi
 }
 : >"$OUT/bench.log"
-[ -f benchmarks/bench_ops.py ] && run_bench bench_ops 75 "$PY" benchmarks/bench_ops.py --out "$OUT/bench_ops.json"
-[ -f benchmarks/bench_stream.py ] && run_bench bench_stream 90 "$PY" benchmarks/bench_stream.py --out "$OUT/bench_stream.json"
-[ -f benchmarks/bench_expert.py ] && run_bench bench_expert 75 "$PY" benchmarks/bench_expert.py --steps 16 --batch-sizes 1,8 --out "$OUT/bench_expert.json"
-"$PY" -c "import moe_swap.cli" 2>/dev/null && run_bench "moe_swap bench" 75 "$PY" -m moe_swap bench --out "$OUT/bench_e2e.json"
+# BENCHES picks and orders them (default: all, the expert-streaming one first), e.g. BENCHES="ops stream".
+for bench in ${BENCHES:-expert ops stream e2e}; do
+  case "$bench" in
+    expert) run_bench bench_expert 90 "$PY" benchmarks/bench_expert.py --steps 16 --batch-sizes 1,8 \
+              --out "$OUT/bench_expert.json" ;;
+    ops) run_bench bench_ops 75 "$PY" benchmarks/bench_ops.py --out "$OUT/bench_ops.json" ;;
+    stream) run_bench bench_stream 90 "$PY" benchmarks/bench_stream.py --out "$OUT/bench_stream.json" ;;
+    e2e) run_bench "moe_swap bench" 75 "$PY" -m moe_swap bench --out "$OUT/bench_e2e.json" ;;
+    *) status "$bench" "unknown benchmark (BENCHES takes expert, ops, stream, e2e)" ;;
+  esac
+done
 
 echo
 echo "==== summary ($(( $(date +%s) - start )) s) ===="
