@@ -11,7 +11,7 @@ import torch
 
 from moe_swap import WeightStreamer
 from moe_swap.ops import fused_moe, topk_route
-from conftest import DEVICES
+from conftest import DEVICES, requires_cuda
 
 from test_expert_cache import random_layers
 
@@ -152,3 +152,52 @@ def test_bad_arguments_raise_clearly():
             s.moe(0, torch.randn(1, 16), torch.ones(1, 1), torch.tensor([[7]]))
         with pytest.raises(RuntimeError, match=r"layer must be in \[0, 1\), got 3"):
             s.moe(3, torch.randn(1, 16), torch.ones(1, 1), torch.tensor([[1]]))
+
+
+# ---- CUDA: the point of the device path (no sync, capturable); these run where a GPU is present ----
+
+@requires_cuda
+def test_device_path_step_does_not_sync_cuda(debug_off):
+    layers = random_layers(2, 16)
+    with device_streamer(layers, 8, device="cuda") as s:
+        s.prepare_device_cache()
+        x = torch.randn(3, 16, device="cuda")
+        weights, ids = route(3, 16, 2, "cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host<->device sync inside raises
+        try:
+            out = s.moe(1, s.moe(0, x, weights, ids), weights, ids)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        cuda_layers = [(a.cuda(), b.cuda()) for a, b in layers]
+        expected = fused_moe(fused_moe(x, *cuda_layers[0], weights, ids), *cuda_layers[1], weights, ids)
+        torch.testing.assert_close(out, expected)
+        assert s.stats()["device_steps"] == 2
+
+
+@requires_cuda
+def test_device_path_steps_replay_in_a_cuda_graph_cuda(debug_off):
+    experts, tokens, top_k = 16, 3, 2
+    layers = random_layers(2, experts)
+    cuda_layers = [(a.cuda(), b.cuda()) for a, b in layers]
+    with device_streamer(layers, tokens * top_k, device="cuda") as s:
+        s.prepare_device_cache()
+        x = torch.randn(tokens, 16, device="cuda")
+        weights, ids = route(tokens, experts, top_k, "cuda")
+        side = torch.cuda.Stream()  # warm up on a side stream before capture (torch.cuda.graphs' rule)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            s.moe(1, s.moe(0, x, weights, ids), weights, ids)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = s.moe(1, s.moe(0, x, weights, ids), weights, ids)
+        for _ in range(6):  # new routing each replay: the pull and the map follow the data
+            new_weights, new_ids = route(tokens, experts, top_k, "cuda")
+            weights.copy_(new_weights)
+            ids.copy_(new_ids)
+            x.copy_(torch.randn(tokens, 16, device="cuda"))
+            graph.replay()
+            expected = fused_moe(fused_moe(x, *cuda_layers[0], weights, ids), *cuda_layers[1], weights, ids)
+            torch.testing.assert_close(out, expected)
+        assert s.stats()["device_steps"] == 2 * (1 + 6)  # warm-up and replays (capture runs nothing)
