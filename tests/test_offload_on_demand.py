@@ -102,3 +102,21 @@ def test_on_demand_needs_less_than_full_at_the_minimum():
     assert demand.streamed_layers and demand.cache_bytes >= layer
     with pytest.raises(ValueError, match="one step's working set"):
         offloaded(model, policy="on_demand", gpu_budget=minimum_full - 2 * layer - 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("policy, ids_path", [("full", "host"), ("on_demand", "host"), ("auto", "host"),
+                                              ("on_demand", "device")])
+def test_offload_on_cuda_gives_the_unmodified_models_tokens_cuda(model_type, policy, ids_path):
+    # the CUDA backend end to end: pinned host store, copy stream (or the pull kernel), fused_moe on CUDA
+    model = tiny_model(model_type)
+    reference = copy.deepcopy(model).cuda()
+    ids = prompt(batch=1).cuda()
+    report = moe_swap.offload(model, device="cuda", policy=policy, ids_path=ids_path)
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-3, atol=1e-3)
+    assert torch.equal(greedy(model, ids), greedy(reference, ids))
+    stats = report.stats()
+    assert stats["bytes_copied"] > 0
+    if ids_path == "device":
+        assert stats["device_steps"] > 0
