@@ -14,7 +14,8 @@ Policies: full (whole layers through the ring), on_demand_cold (a cache of 0 byt
 auto (a cache of CACHE_SHARE of all experts; the host reads the routed ids: a sync per layer-step on
 CUDA), on_demand_device (the same budget as per-layer regions; expert_cache_pull reads the ids on the
 device and pulls from mapped pinned memory, no sync; a step with more ids than its region has slots
-takes the host path, with no cache).
+takes the host path, whose room for such steps -- one layer, never allocated by a decode that fits
+the regions -- is given on top of the budget).
 Per shape, trace, policy and batch size: bytes copied per token, tokens/s, hit rate, time to bring
 the routed ids to the host, and the cold-cache bytes against the bytes of the distinct routed experts.
 Prediction recall (next layer's router on this layer's input) needs a real router, so it is measured on
@@ -182,10 +183,12 @@ def make_layers(H, I, E, layers, dtype):
 def make_streamer(policy: str, device: str, weights, cache_bytes: int) -> WeightStreamer:
     if policy == "full":
         s = WeightStreamer(device, slots=2, prefetch_depth=1)
+    elif policy == "on_demand_device":
+        layer_bytes = max(w13.numel() + w2.numel() for w13, w2 in weights) * weights[0][0].element_size()
+        s = WeightStreamer(device, policy="on_demand", cache_bytes=cache_bytes + layer_bytes, ids_path="device")
     else:
         s = WeightStreamer(device, policy="auto" if policy == "auto" else "on_demand",
-                           cache_bytes=0 if policy == "on_demand_cold" else cache_bytes,
-                           ids_path="device" if policy == "on_demand_device" else "host")
+                           cache_bytes=0 if policy == "on_demand_cold" else cache_bytes)
     for w13, w2 in weights:
         s.add_layer(w13, w2)
     if policy == "on_demand_device":

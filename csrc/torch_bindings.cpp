@@ -57,6 +57,8 @@ TORCH_LIBRARY(moe_swap, m) {
   // A layer's host-store weights as zero-copy tensors on the streamer's device (CUDA: mapped pinned
   // memory read over PCIe), the source of expert_cache_pull; they keep the host memory alive.
   m.def("streamer_host_device_views(int handle, int layer) -> (Tensor w13, Tensor w2)");
+  // on_demand/auto: set the expert cache's byte budget (before the first step allocates the cache).
+  m.def("streamer_set_cache_bytes(int handle, int cache_bytes) -> ()");
   // The current stream waits for the layer's slot (copying it first if it was never prefetched);
   // returns views [E,2I,H], [E,H,I] valid until release. `after`: tensors this call is ordered after.
   m.def("streamer_acquire(int handle, int layer, Tensor[] after) -> (Tensor w13, Tensor w2)");
@@ -117,6 +119,7 @@ TORCH_LIBRARY_IMPL(moe_swap, CompositeExplicitAutograd, m) {
   m.impl("streamer_add_layer", &st::streamer_add_layer);
   m.impl("streamer_host_copy", &st::streamer_host_copy);
   m.impl("streamer_host_device_views", &st::streamer_host_device_views);
+  m.impl("streamer_set_cache_bytes", &st::streamer_set_cache_bytes);
   m.impl("streamer_acquire", &st::streamer_acquire);
   m.impl("streamer_prefetch", &st::streamer_prefetch);
   m.impl("streamer_release", &st::streamer_release);

@@ -124,11 +124,13 @@ class WeightStreamer:
             reads them (on CUDA a device->host copy, i.e. a sync per layer-step; ``stats()`` times it)
             and issues copy-engine copies into the shared pool above. ``"device"``: the
             ``expert_cache_pull`` op reads them on the device and pulls the missing experts from mapped
-            pinned memory itself -- no sync, so a decode step can live in a CUDA graph. Each layer then
-            has its own region of ``cache_bytes / layers`` (LRU within the layer, ``eviction`` does
-            not apply); a step with more ids than the region holds slots (a prefill) takes the host
-            path (its pool is then scratch only, emptied after each step) -- decided from shapes, so
-            no sync either way. :meth:`predict` is a no-op for layers with a region.
+            pinned memory itself -- no sync, so a decode step can live in a CUDA graph. ``cache_bytes``
+            is then split: the host path keeps room for a wide step (one layer, two under ``auto`` for
+            the prefill double buffering; at most ``cache_bytes``), and the rest is divided evenly into
+            a region per layer (LRU within the layer; ``eviction`` applies to the host path only). A
+            step with more ids than its layer's region has slots (a prefill) takes the host path --
+            decided from shapes, so no sync either way. :meth:`predict` is a no-op for layers with a
+            region.
 
     Use: ``i = s.add_layer(w13, w2)`` for each layer, then per forward and layer
     ``w13, w2 = s.acquire(i)`` ... compute ... ``s.release(i)``. The views are valid until release.
@@ -374,10 +376,11 @@ class WeightStreamer:
         torch.ops.moe_swap.streamer_predict(self.handle, layer, expert_ids)
 
     def prepare_device_cache(self) -> None:
-        """``ids_path="device"``: split ``cache_bytes`` evenly over the layers added so far and allocate
-        each layer's region (``min(E, its share / bytes per expert)`` expert slots; none when that is
-        0). Called by the first :meth:`moe` if not before; call it before ``torch.compile`` or CUDA
-        graph capture so that no allocation happens inside. Idempotent."""
+        """``ids_path="device"``: give the host path its room for wide steps (see ``ids_path``), split
+        the rest of ``cache_bytes`` evenly over the layers added so far and allocate each layer's region
+        (``min(E, its share / bytes per expert)`` expert slots; none when that is 0). Called by the
+        first :meth:`moe` if not before; call it before ``torch.compile`` or CUDA graph capture so that
+        no allocation happens inside. Idempotent."""
         if self.ids_path != "device":
             raise RuntimeError(f"prepare_device_cache() is for ids_path='device'; this streamer has "
                                f"ids_path={self.ids_path!r}")
@@ -386,11 +389,14 @@ class WeightStreamer:
         meta = _LAYER_META[self.handle]
         if not meta:
             raise RuntimeError("prepare_device_cache(): the streamer has no layers; add_layer first")
-        share = self.cache_bytes // len(meta)
+        expert_bytes = [(math.prod(a[1:]) + math.prod(b[1:])) * dtype.itemsize for a, b, dtype, _ in meta]
+        largest_layer = max(shape[0] * e for (shape, _, _, _), e in zip(meta, expert_bytes))
+        host_room = min(self.cache_bytes, (2 if self.policy == "auto" else 1) * largest_layer)
+        torch.ops.moe_swap.streamer_set_cache_bytes(self.handle, host_room)
+        share = (self.cache_bytes - host_room) // len(meta)
         regions: list[Optional[_DeviceRegion]] = []
         for layer, (w13_shape, w2_shape, dtype, _) in enumerate(meta):
-            expert_bytes = (math.prod(w13_shape[1:]) + math.prod(w2_shape[1:])) * dtype.itemsize
-            slots = min(w13_shape[0], share // expert_bytes)
+            slots = min(w13_shape[0], share // expert_bytes[layer])
             regions.append(_DeviceRegion(self.handle, layer, slots, self.device) if slots > 0 else None)
         self._regions = regions
 

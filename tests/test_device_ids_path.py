@@ -21,10 +21,13 @@ def checksum(t: torch.Tensor) -> int:
 
 
 def device_streamer(layers, cache_experts_per_layer, device="cpu", policy="on_demand"):
+    """Regions of `cache_experts_per_layer` slots: the budget adds the host path's room for wide steps
+    (one layer, two under auto) that the streamer takes first."""
     w13, w2 = layers[0]
     expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    host_room = (2 if policy == "auto" else 1) * w13.shape[0] * expert_bytes
     s = WeightStreamer(device, policy=policy, ids_path="device",
-                       cache_bytes=cache_experts_per_layer * expert_bytes * len(layers))
+                       cache_bytes=cache_experts_per_layer * expert_bytes * len(layers) + host_room)
     for a, b in layers:
         s.add_layer(a, b)
     return s
@@ -89,13 +92,26 @@ def test_wide_steps_take_the_host_path_and_give_the_same_output():
         stats = s.stats()
         assert stats["device_steps"] == 4
         assert sum(l["acquires"] for l in stats["layers"]) == 2  # the host path's steps
-        # the host path keeps nothing between steps: the budget belongs to the regions
-        assert s.cache_state()["occupied"] == 0 and s.cache_state()["capacity"] == 0
+        # the host path's room: two layers under auto (the prefill double buffering); regions the rest
+        state = s.cache_state()
+        assert state["capacity"] == 2 * 8 and [r[0] for r in state["device_regions"]] == [2, 2]
+
+
+def test_a_budget_below_the_host_room_has_no_regions():
+    layers = random_layers(2, 8)
+    expert_bytes = (layers[0][0][0].numel() + layers[0][1][0].numel()) * 4
+    with WeightStreamer("cpu", policy="on_demand", ids_path="device", cache_bytes=9 * expert_bytes) as s:
+        for a, b in layers:
+            s.add_layer(a, b)
+        s.prepare_device_cache()  # 8 experts of room for the host path, 1 left: no region can hold one per layer
+        assert s.cache_state()["capacity"] == 8 and s.cache_state()["device_regions"] == [None, None]
 
 
 def test_zero_budget_has_no_regions_and_still_computes():
     layers = random_layers(2, 8)
-    with device_streamer(layers, 0) as s:
+    with WeightStreamer("cpu", policy="on_demand", ids_path="device") as s:
+        for a, b in layers:
+            s.add_layer(a, b)
         for layer, (w13, w2) in enumerate(layers):
             x = torch.randn(3, 16)
             weights, ids = route(3, 8, 2)

@@ -32,12 +32,13 @@ def test_on_demand_equals_full(model_type, policy):
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_device_ids_path_equals_full(model_type):
-    # the device path at decode (one sequence: its steps fit a region of the default budget's cache,
-    # two layers' worth split over three), the host path for the prompt
+    # the device path at decode, the host path for the prompt. With no budget the cache gets what
+    # `slots` ring slots would: 4 layers, one of them the host path's room, the rest a region per
+    # layer big enough for one sequence's top-k
     model = tiny_model(model_type)
     ids = prompt(batch=1)
     full, _ = offloaded(model, policy="full")
-    device, report = offloaded(model, policy="on_demand", ids_path="device")
+    device, report = offloaded(model, policy="on_demand", ids_path="device", slots=4)
     torch.testing.assert_close(logits(device, ids), logits(full, ids), rtol=0, atol=0)
     assert torch.equal(greedy(device, ids), greedy(full, ids))
     stats = report.stats()

@@ -136,6 +136,19 @@ int64_t Streamer::reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_sh
   return layer;
 }
 
+void Streamer::set_cache_bytes(int64_t cache_bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(cache_bytes >= 0, "set_cache_bytes: cache_bytes must be >= 0, got ", cache_bytes);
+  TORCH_CHECK(policy_ != Policy::kFull, "set_cache_bytes: this streamer has policy full (no expert cache)");
+  TORCH_CHECK(!pool_memory_[0].defined(), "set_cache_bytes: the expert cache is already allocated (a step ran); "
+              "set the budget before the first step");
+  cache_bytes_ = cache_bytes;
+  if (store_.num_layers() > 0) {
+    const std::vector<int64_t> per_expert = pool_expert_bytes();
+    cache_.set_capacity(cache_bytes_ / (per_expert[0] + per_expert[1]));
+  }
+}
+
 void Streamer::write(int64_t layer, int64_t which, int64_t expert_start, int64_t row_offset, const at::Tensor& src) {
   std::lock_guard<std::mutex> lock(mu_);
   check_layer("write", layer);
@@ -894,6 +907,8 @@ int64_t streamer_add_layer(int64_t handle, const at::Tensor& w13, const at::Tens
 std::tuple<at::Tensor, at::Tensor> streamer_host_copy(int64_t handle, int64_t layer) {
   return lookup(handle)->host_copy(layer);
 }
+
+void streamer_set_cache_bytes(int64_t handle, int64_t cache_bytes) { lookup(handle)->set_cache_bytes(cache_bytes); }
 
 std::tuple<at::Tensor, at::Tensor> streamer_host_device_views(int64_t handle, int64_t layer) {
   return lookup(handle)->host_device_views(layer);

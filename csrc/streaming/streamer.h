@@ -76,6 +76,9 @@ class Streamer {
   // The layer's host-store weights as tensors on the streamer's device that read host memory
   // directly (CUDA: mapped pinned memory; CPU: the store itself), for expert_cache_pull. No copy.
   std::tuple<at::Tensor, at::Tensor> host_device_views(int64_t layer);
+  // The expert cache's byte budget, before its pool is first allocated (the device ids path hands
+  // the host path a budget once the layers, hence a layer's size, are known).
+  void set_cache_bytes(int64_t cache_bytes);
   std::tuple<at::Tensor, at::Tensor> acquire(int64_t layer);
   void prefetch(int64_t layer);
   void release(int64_t layer);
@@ -151,7 +154,7 @@ class Streamer {
   int64_t copies_issued_total_ = 0;
   // expert cache (policy on_demand): a pool of expert-sized slots, w13 and w2 areas, for all layers
   const Policy policy_;
-  const int64_t cache_bytes_;
+  int64_t cache_bytes_;
   ExpertCache cache_;
   std::array<at::Tensor, 2> pool_memory_;
   std::vector<int64_t> pool_w13_shape_, pool_w2_shape_;  // per-expert [2I, H] and [H, I]
@@ -179,6 +182,7 @@ void streamer_write(int64_t handle, int64_t layer, int64_t which, int64_t expert
 int64_t streamer_add_layer(int64_t handle, const at::Tensor& w13, const at::Tensor& w2);
 std::tuple<at::Tensor, at::Tensor> streamer_host_copy(int64_t handle, int64_t layer);
 std::tuple<at::Tensor, at::Tensor> streamer_host_device_views(int64_t handle, int64_t layer);
+void streamer_set_cache_bytes(int64_t handle, int64_t cache_bytes);
 std::tuple<at::Tensor, at::Tensor> streamer_acquire(int64_t handle, int64_t layer, at::TensorList after);
 void streamer_prefetch(int64_t handle, int64_t layer);
 void streamer_release(int64_t handle, int64_t layer, at::TensorList after);
