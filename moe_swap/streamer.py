@@ -172,8 +172,8 @@ class WeightStreamer:
         self.policy = policy
         self.ids_path = ids_path
         self.cache_bytes = cache_bytes
-        # ids_path "device": the per-layer regions (built by prepare_device_cache once every layer is
-        # added); the C++ streamer's own pool is then only scratch for the steps too wide for a region.
+        # ids_path "device": the per-layer regions, built by prepare_device_cache once every layer is
+        # added; it also hands the C++ streamer (the host path) its share of cache_bytes, 0 until then.
         self._regions: Optional[list[Optional[_DeviceRegion]]] = None
         self.eviction = eviction
         self.device = dev
