@@ -17,7 +17,9 @@ Modes (one object, so benchmarks compare them side by side):
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import numbers
 import os
 import struct
 from pathlib import Path
@@ -110,6 +112,11 @@ class WeightStreamer:
             at least one layer, such a wide step (a prefill) grows the pool to two layer regions (the
             memory full's two-slot ring uses) and copies the next layer whole into the other region
             while this one computes: full's double buffering.
+        copy_cost: policy auto's cost model as ``(overhead_us, gb_per_s)`` -- a copy of ``b`` bytes
+            costs ``overhead_us`` microseconds plus ``b`` at ``gb_per_s`` GB/s -- instead of measuring
+            it when the cache is first allocated (``None``, the default). For deterministic
+            decisions (tests), or where the measurement is noisy (a busy GPU): e.g. ``(10.0, 25.0)``
+            for a PCIe 4 x16 link with ~10 us per copy. ``cache_state()`` reports the model in use.
         cache_bytes: on_demand: bytes of experts the cache keeps between steps (``0``: none). A step
             whose distinct experts exceed it still runs: the pool grows to the step's working set and
             the slots beyond the budget are emptied when the step ends.
@@ -133,7 +140,7 @@ class WeightStreamer:
     def __init__(self, device: Union[str, torch.device] = "cuda", slots: int = 2, prefetch_depth: int = 1,
                  mode: str = "full", *, trace: bool = False, timing: bool = True, test_copy_delay_us: int = 0,
                  test_fail_copy_at: int = -1, policy: str = "full", cache_bytes: int = 0,
-                 eviction: str = "flru") -> None:
+                 eviction: str = "flru", copy_cost: Optional[tuple[float, float]] = None) -> None:
         self._handle: Optional[int] = None
         dev = torch.device(device)
         if dev.type == "cuda":
@@ -151,6 +158,7 @@ class WeightStreamer:
             raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+        overhead_us, gb_per_s = _check_copy_cost(copy_cost, policy)
         self.policy = policy
         self.eviction = eviction
         self.device = dev
@@ -159,7 +167,7 @@ class WeightStreamer:
         self.prefetch_depth = int(prefetch_depth)
         self._handle = torch.ops.moe_swap.streamer_create(
             str(dev), self.slots, self.prefetch_depth, mode, bool(trace), bool(timing), int(test_copy_delay_us),
-            int(test_fail_copy_at), policy, int(cache_bytes), eviction)
+            int(test_fail_copy_at), policy, int(cache_bytes), eviction, overhead_us, gb_per_s)
         _LAYER_META[self._handle] = []
 
     # ---- lifetime ----
@@ -342,7 +350,7 @@ class WeightStreamer:
         per expert, and ``(layer, expert)`` per slot (``-1, -1``: empty)."""
         info, table = torch.ops.moe_swap.streamer_cache_state(self.handle)
         return {"slots": info[0], "capacity": info[1], "occupied": info[2], "expert_bytes": info[3],
-                # policy auto's measured cost model (None until the cache is first allocated)
+                # policy auto's cost model: as set by copy_cost, else measured (None until the cache is first allocated)
                 "copy_overhead_us": info[4] / 1e3 if info[4] >= 0 else None,
                 "copy_gb_per_s": info[5] / 1e9 if info[5] >= 0 else None,
                 "entries": [tuple(r) for r in table.tolist()]}
@@ -413,6 +421,23 @@ class WeightStreamer:
             return "WeightStreamer(closed)"
         return (f"WeightStreamer(device={str(self.device)!r}, slots={self.slots}, prefetch_depth={self.prefetch_depth}, "
                 f"mode={self.mode!r}, policy={self.policy!r}, layers={self.num_layers}, host_bytes={self.host_bytes})")
+
+
+def _check_copy_cost(copy_cost, policy: str) -> tuple[Optional[float], Optional[float]]:
+    """``copy_cost`` -> (overhead_us, gb_per_s), both None when it is None."""
+    if copy_cost is None:
+        return None, None
+    if policy != "auto":
+        raise ValueError(f"copy_cost is the cost model of policy 'auto'; got it with policy {policy!r}")
+    if (isinstance(copy_cost, (str, bytes)) or not hasattr(copy_cost, "__len__") or len(copy_cost) != 2
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in copy_cost)):
+        raise ValueError(f"copy_cost must be (overhead_us, gb_per_s), two numbers, got {copy_cost!r}")
+    overhead_us, gb_per_s = float(copy_cost[0]), float(copy_cost[1])
+    if not math.isfinite(overhead_us) or overhead_us < 0:
+        raise ValueError(f"copy_cost: overhead_us (microseconds per copy) must be finite and >= 0, got {copy_cost[0]!r}")
+    if not math.isfinite(gb_per_s) or gb_per_s <= 0:
+        raise ValueError(f"copy_cost: gb_per_s (copy bandwidth, GB/s) must be finite and > 0, got {copy_cost[1]!r}")
+    return overhead_us, gb_per_s
 
 
 def live_counts() -> dict:

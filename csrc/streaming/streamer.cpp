@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <exception>
 #include <limits>
 #include <sstream>
@@ -60,7 +61,7 @@ std::string held_layers_str(const std::vector<int>& held_slot) {
 
 Streamer::Streamer(c10::Device device, int64_t slots, int64_t prefetch_depth, Mode mode, bool trace, bool timing,
                    int64_t test_copy_delay_us, int64_t test_fail_copy_at, Policy policy, int64_t cache_bytes,
-                   Eviction eviction)
+                   Eviction eviction, std::optional<double> copy_overhead_us, std::optional<double> copy_gb_per_s)
     : mode_(mode), num_slots_(slots), prefetch_depth_(prefetch_depth), trace_(trace),
       test_fail_copy_at_(test_fail_copy_at), policy_(policy), cache_bytes_(cache_bytes), cache_(eviction) {
   TORCH_CHECK(slots >= 1 && slots <= 64, "slots must be in [1, 64], got ", slots);
@@ -76,6 +77,19 @@ Streamer::Streamer(c10::Device device, int64_t slots, int64_t prefetch_depth, Mo
                 slots - 1, "] (one slot is always the layer being computed), got ", prefetch_depth);
   }
   TORCH_CHECK(test_copy_delay_us >= 0, "test_copy_delay_us must be >= 0, got ", test_copy_delay_us);
+  TORCH_CHECK(copy_overhead_us.has_value() == copy_gb_per_s.has_value(),
+              "copy_overhead_us and copy_gb_per_s (policy auto's cost model) must be given together or not at all; got ",
+              copy_overhead_us.has_value() ? "only copy_overhead_us" : "only copy_gb_per_s");
+  if (copy_overhead_us.has_value()) {
+    TORCH_CHECK(policy == Policy::kAuto, "copy_overhead_us/copy_gb_per_s set policy auto's cost model; this streamer's "
+                "policy is \"", policy == Policy::kFull ? "full" : "on_demand", "\"");
+    TORCH_CHECK(std::isfinite(*copy_overhead_us) && *copy_overhead_us >= 0.0,
+                "copy_overhead_us must be a finite number >= 0 (microseconds per copy), got ", *copy_overhead_us);
+    TORCH_CHECK(std::isfinite(*copy_gb_per_s) && *copy_gb_per_s > 0.0,
+                "copy_gb_per_s must be a finite number > 0 (GB/s), got ", *copy_gb_per_s);
+    copy_overhead_s_ = *copy_overhead_us * 1e-6;
+    copy_bytes_per_s_ = *copy_gb_per_s * 1e9;
+  }
   BackendOptions options{static_cast<int>(slots), trace, timing || trace, test_copy_delay_us};
   if (device.is_cpu()) {
     backend_ = make_cpu_backend(options);
@@ -813,8 +827,8 @@ std::tuple<std::vector<int64_t>, at::Tensor> Streamer::cache_state() {
   int64_t expert_bytes = 0;
   if (!pool_w13_shape_.empty()) expert_bytes = pool_expert_bytes_[0] + pool_expert_bytes_[1];
   return {{N, cache_.capacity(), cache_.occupied(), expert_bytes,
-           copy_overhead_s_ < 0 ? -1 : static_cast<int64_t>(copy_overhead_s_ * 1e9),
-           copy_bytes_per_s_ < 0 ? -1 : static_cast<int64_t>(copy_bytes_per_s_)},
+           copy_overhead_s_ < 0 ? -1 : static_cast<int64_t>(std::llround(copy_overhead_s_ * 1e9)),
+           copy_bytes_per_s_ < 0 ? -1 : static_cast<int64_t>(std::llround(copy_bytes_per_s_))},
           table};
 }
 
@@ -846,7 +860,8 @@ std::shared_ptr<Streamer> lookup(int64_t handle) {
 
 int64_t streamer_create(c10::string_view device, int64_t slots, int64_t prefetch_depth, c10::string_view mode,
                         bool trace, bool timing, int64_t test_copy_delay_us, int64_t test_fail_copy_at,
-                        c10::string_view policy, int64_t cache_bytes, c10::string_view eviction) {
+                        c10::string_view policy, int64_t cache_bytes, c10::string_view eviction,
+                        std::optional<double> copy_overhead_us, std::optional<double> copy_gb_per_s) {
   const Mode m = parse_mode(mode);
   const Policy p = parse_policy(policy);
   const Eviction ev = parse_eviction(std::string(eviction));
@@ -857,7 +872,7 @@ int64_t streamer_create(c10::string_view device, int64_t slots, int64_t prefetch
     TORCH_CHECK(false, "device must be \"cpu\" or \"cuda[:index]\", got \"", std::string(device), "\"");
   }
   auto streamer = std::make_shared<Streamer>(dev, slots, prefetch_depth, m, trace, timing, test_copy_delay_us,
-                                             test_fail_copy_at, p, cache_bytes, ev);
+                                             test_fail_copy_at, p, cache_bytes, ev, copy_overhead_us, copy_gb_per_s);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   const int64_t handle = r.next_handle++;

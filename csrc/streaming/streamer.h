@@ -65,9 +65,10 @@ constexpr int kLayerStatsColumns = 16;
 
 class Streamer {
  public:
+  // copy_overhead_us / copy_gb_per_s: policy auto's cost model, set instead of measured (both or neither).
   Streamer(c10::Device device, int64_t slots, int64_t prefetch_depth, Mode mode, bool trace, bool timing,
            int64_t test_copy_delay_us, int64_t test_fail_copy_at, Policy policy, int64_t cache_bytes,
-           Eviction eviction);
+           Eviction eviction, std::optional<double> copy_overhead_us, std::optional<double> copy_gb_per_s);
   ~Streamer();  // waits for in-flight copies and pending "free" events, then frees
 
   int64_t reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_shape, at::ScalarType dtype);
@@ -160,8 +161,8 @@ class Streamer {
   // per-step scratch, kept so that a step's bookkeeping allocates nothing (all under mu_)
   std::vector<char> routed_seen_;           // [E], all zero between calls: distinct_ids_on_host's marks
   std::vector<int64_t> distinct_, step_misses_, step_assigned_, evicted_layers_, ahead_slots_;
-  // policy auto's cost model, measured on this machine when the pool is first allocated:
-  // a copy of b bytes costs copy_overhead_s_ + b / copy_bytes_per_s_
+  // policy auto's cost model, measured on this machine when the pool is first allocated (unless the
+  // creator set it): a copy of b bytes costs copy_overhead_s_ + b / copy_bytes_per_s_
   double copy_overhead_s_ = -1.0;
   double copy_bytes_per_s_ = -1.0;
   // statistics
@@ -172,7 +173,8 @@ class Streamer {
 // ---- torch op entry points (schemas in csrc/torch_bindings.cpp) ----
 int64_t streamer_create(c10::string_view device, int64_t slots, int64_t prefetch_depth, c10::string_view mode,
                         bool trace, bool timing, int64_t test_copy_delay_us, int64_t test_fail_copy_at,
-                        c10::string_view policy, int64_t cache_bytes, c10::string_view eviction);
+                        c10::string_view policy, int64_t cache_bytes, c10::string_view eviction,
+                        std::optional<double> copy_overhead_us, std::optional<double> copy_gb_per_s);
 void streamer_destroy(int64_t handle);
 int64_t streamer_reserve_layer(int64_t handle, at::IntArrayRef w13_shape, at::IntArrayRef w2_shape,
                                at::ScalarType dtype);
