@@ -105,9 +105,10 @@ class WeightStreamer:
         policy: ``"full"`` (whole layers through the ring) or ``"on_demand"``: only the experts the
             batch routed to move, into an expert cache (a pool of expert-sized device slots shared by
             every layer), and :meth:`moe` runs ``fused_moe`` on the pool with an ``expert_map``.
-            ``"auto"``: as on_demand, but a step whose missing experts would cost more as separate
-            copies than the whole layer as one copy (a cost model measured when the cache is first
-            allocated: per-copy overhead and bandwidth) copies the whole layer into slots ``[0, E)``;
+            ``"auto"``: as on_demand, but a step whose missing experts would cost at least as much as
+            separate copies as the whole layer as one copy (a cost model of per-copy overhead and
+            bandwidth, measured when the cache is first allocated or set by ``copy_cost``; the tie,
+            every expert missing and no overhead, goes to the whole layer) copies the whole layer into one region;
             the pool must hold ``E`` slots for that (else the step goes on demand). When the cache holds
             at least one layer, such a wide step (a prefill) grows the pool to two layer regions (the
             memory full's two-slot ring uses) and copies the next layer whole into the other region

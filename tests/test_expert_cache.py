@@ -288,13 +288,16 @@ def test_auto_copies_the_whole_layer_when_its_cost_model_says_so():
         ids = torch.arange(8, dtype=torch.int32).view(8, 1)
         for layer in (0, 1):
             torch.testing.assert_close(s.moe(layer, x, weights, ids), fused_moe(x, *layers[layer], weights, ids))
-    # no per-copy overhead: copying only the missing experts moves fewer bytes for the same cost
+    # no per-copy overhead: copying only the missing experts moves fewer bytes for the same cost; with
+    # every expert missing the bytes are the same, and the tie goes to the whole layer (and its region)
     with on_demand(layers, cache_experts=8, policy="auto", copy_cost=(0.0, 0.1)) as s:
-        x = torch.randn(7, 16)
-        weights = torch.rand(7, 1)
-        ids = torch.arange(7, dtype=torch.int32).view(7, 1)
-        torch.testing.assert_close(s.moe(0, x, weights, ids), fused_moe(x, *layers[0], weights, ids))
+        x = torch.randn(8, 16)
+        weights = torch.rand(8, 1)
+        ids = torch.arange(8, dtype=torch.int32).view(8, 1)
+        torch.testing.assert_close(s.moe(0, x[:7], weights[:7], ids[:7]), fused_moe(x[:7], *layers[0], weights[:7], ids[:7]))
         assert s.stats()["layer_copies"] == 0 and s.stats()["expert_misses"] == 7
+        torch.testing.assert_close(s.moe(1, x, weights, ids), fused_moe(x, *layers[1], weights, ids))
+        assert s.stats()["layers"][1]["layer_copies"] == 1 and s.stats()["layers"][1]["expert_misses"] == 8
 
 
 def test_auto_on_a_pool_smaller_than_a_layer_stays_on_demand():

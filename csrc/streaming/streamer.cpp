@@ -591,17 +591,19 @@ void Streamer::place_whole_layer(int64_t target, int64_t base, bool predicted, C
 
 // policy auto: one copy of the whole layer (2 copies: w13 and w2) against 2 copies per missing expert.
 bool Streamer::whole_layer_is_cheaper(int64_t layer, int64_t misses, int64_t base) const {
-  return cache_.num_slots() >= base + store_.layout(layer).num_experts && whole_layer_costs_less(layer, misses);
+  return cache_.num_slots() >= base + store_.layout(layer).num_experts && whole_layer_costs_no_more(layer, misses);
 }
 
-// The cost model alone: one copy per weight of all E experts against 2 copies per missing expert.
-bool Streamer::whole_layer_costs_less(int64_t layer, int64_t misses) const {
+// The cost model alone: one copy per weight of all E experts against 2 copies per missing expert. A tie
+// (no per-copy overhead, every expert missing: the same bytes either way) goes to the whole layer, whose
+// region lets the next layer be copied under this one's compute; on a CPU the measured overhead is often 0.
+bool Streamer::whole_layer_costs_no_more(int64_t layer, int64_t misses) const {
   const int64_t E = store_.layout(layer).num_experts;
   if (policy_ != Policy::kAuto || misses == 0 || copy_bytes_per_s_ <= 0) return false;
   const double expert_s = static_cast<double>(pool_expert_bytes_[0] + pool_expert_bytes_[1]) / copy_bytes_per_s_;
   const double on_demand_s = static_cast<double>(misses) * (2.0 * copy_overhead_s_ + expert_s);
   const double whole_s = 2.0 * copy_overhead_s_ + static_cast<double>(E) * expert_s;
-  return whole_s < on_demand_s;
+  return whole_s <= on_demand_s;
 }
 
 void Streamer::add_expert_chunks(CopyPlan& plan, int64_t layer, int64_t expert, int64_t slot) const {
@@ -655,7 +657,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   // 2E slots only when that stays within cache capacity + one layer's working set (the planner's room).
   const int64_t region_experts = max_layer_experts_;
   if (policy_ == Policy::kAuto && cache_.num_slots() < 2 * region_experts && cache_.capacity() >= region_experts &&
-      whole_layer_costs_less(layer, distinct_count)) {
+      whole_layer_costs_no_more(layer, distinct_count)) {
     ensure_pool(2 * region_experts);
   }
   const int64_t now = ++clock_;

@@ -123,7 +123,7 @@ class Streamer {
   void issue_expert_plan(CopyPlan& plan, int channel);
   void calibrate_copy_cost();
   bool whole_layer_is_cheaper(int64_t layer, int64_t misses, int64_t base) const;
-  bool whole_layer_costs_less(int64_t layer, int64_t misses) const;
+  bool whole_layer_costs_no_more(int64_t layer, int64_t misses) const;
   void place_whole_layer(int64_t target, int64_t base, bool predicted, CopyPlan& plan,
                          std::vector<int64_t>& assigned);
 
