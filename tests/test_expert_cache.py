@@ -154,6 +154,43 @@ def test_eviction_policies_on_a_hand_made_trace(eviction, trace, capacity, kept)
     assert stats["expert_misses"] == len({e for e in trace})
 
 
+def test_a_step_with_several_misses_takes_victims_in_eviction_order():
+    # LRU, 4 slots: experts 0 and 1 used at tick 1 (a tie: the lower slot goes first), 2 at tick 2, 3 at
+    # tick 3; one step missing 4, 5 and 6 gives up 0, 1 and 2, in that order, and keeps 3.
+    layers = random_layers(1, 8)
+    with on_demand(layers, cache_experts=4, eviction="lru") as s:
+        for ids in ([[0, 1]], [[2]], [[3]]):
+            s.acquire_experts(0, torch.tensor(ids, dtype=torch.int32))
+            s.release_experts(0)
+        assert s.cache_state()["entries"] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+        ids = torch.tensor([[4, 5], [6, 4]], dtype=torch.int32)
+        w13, w2, expert_map = s.acquire_experts(0, ids)
+        assert s.cache_state()["entries"] == [(0, 4), (0, 5), (0, 6), (0, 3)]
+        assert expert_map.tolist() == [-1, -1, -1, -1, 0, 1, 2, -1]
+        x, weights = torch.randn(2, 16), torch.rand(2, 2)
+        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, expert_map), fused_moe(x, *layers[0], weights, ids))
+        s.release_experts(0)
+        assert s.stats()["evictions"] == 3
+
+
+def test_a_routed_miss_takes_a_predictions_slot_when_nothing_else_is_left():
+    layers = random_layers(2, 8)
+    with on_demand(layers, cache_experts=2, eviction="lru") as s:
+        s.acquire_experts(0, torch.tensor([[0, 1]], dtype=torch.int32))
+        s.release_experts(0)
+        s.predict(1, torch.tensor([5]))  # takes the least recent slot: 0 (a tie with slot 1)
+        assert s.cache_state()["entries"] == [(1, 5), (0, 1)]
+        # expert 1 is a hit (pinned), 2 is missing and only the prediction's slot is left
+        s.acquire_experts(0, torch.tensor([[1, 2]], dtype=torch.int32))
+        assert s.cache_state()["entries"] == [(0, 2), (0, 1)]
+        s.release_experts(0)
+        assert s.stats()["layers"][1]["evictions"] == 1
+        s.acquire_experts(1, torch.tensor([[5]], dtype=torch.int32))
+        s.release_experts(1)
+        layer1 = s.stats()["layers"][1]
+        assert layer1["predicted"] == 1 and layer1["predicted_used"] == 0 and layer1["expert_misses"] == 1
+
+
 def test_prediction_turns_misses_into_hits_and_reports_recall():
     layers = random_layers(2, 8)
     with on_demand(layers, cache_experts=8) as s:
