@@ -106,18 +106,19 @@ class WeightStreamer:
             batch routed to move, into an expert cache (a pool of expert-sized device slots shared by
             every layer), and :meth:`moe` runs ``fused_moe`` on the pool with an ``expert_map``.
             ``"auto"``: as on_demand, but a step whose missing experts would cost at least as much as
-            separate copies as the whole layer as one copy (a cost model of per-copy overhead and
+            separate copies as the whole layer does as one copy (a cost model of per-copy overhead and
             bandwidth, measured when the cache is first allocated or set by ``copy_cost``; the tie,
-            every expert missing and no overhead, goes to the whole layer) copies the whole layer into one region;
-            the pool must hold ``E`` slots for that (else the step goes on demand). When the cache holds
+            every expert missing and no overhead, goes to the whole layer) copies the whole layer into
+            a region of ``E`` pool slots; the pool must hold ``E`` slots for that (else the step goes
+            on demand). When the cache holds
             at least one layer, such a wide step (a prefill) grows the pool to two layer regions (the
             memory full's two-slot ring uses) and copies the next layer whole into the other region
             while this one computes: full's double buffering.
         copy_cost: policy auto's cost model as ``(overhead_us, gb_per_s)`` -- a copy of ``b`` bytes
             costs ``overhead_us`` microseconds plus ``b`` at ``gb_per_s`` GB/s -- instead of measuring
             it when the cache is first allocated (``None``, the default). For deterministic
-            decisions (tests), or where the measurement is noisy (a busy GPU): e.g. ``(10.0, 25.0)``
-            for a PCIe 4 x16 link with ~10 us per copy. ``cache_state()`` reports the model in use.
+            decisions (tests), or where the measurement is noisy (a busy GPU); e.g. ``(10.0, 25.0)``:
+            10 us per copy, 25 GB/s. ``cache_state()`` reports the model in use.
         cache_bytes: on_demand: bytes of experts the cache keeps between steps (``0``: none). A step
             whose distinct experts exceed it still runs: the pool grows to the step's working set and
             the slots beyond the budget are emptied when the step ends.

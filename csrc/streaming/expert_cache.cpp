@@ -104,7 +104,7 @@ void ExpertCache::rank_victims(int64_t now, int64_t ticks_per_pass, bool occupie
   ranked_.clear();
   for (int64_t i = 0; i < num_slots(); ++i) {
     const Slot& s = slots_[i];
-    if (s.pinned || s.predicted != predicted) continue;  // used by this step; or (not) a prediction not yet used
+    if (s.pinned || s.predicted != predicted) continue;  // used by this step, or of the kind not asked for
     if (occupied_only && s.layer == kEmpty) continue;
     ranked_.emplace_back(keep_value(s, now, ticks_per_pass), i);
   }
