@@ -38,11 +38,12 @@ TORCH_LIBRARY(moe_swap, m) {
   // legacy cpu_offload_gb) or "uva" (baseline: kernels read mapped pinned memory). The test_* knobs
   // are for tests only: a random per-chunk copy delay (CPU backend) and the index of a copy that fails.
   // policy "on_demand": only routed experts move, into an expert cache of cache_bytes (eviction
-  // "lru", "lfu" or "flru"); the ring is not used.
+  // "lru", "lfu" or "flru"); the ring is not used. policy "auto": copy_overhead_us and copy_gb_per_s
+  // set its cost model (both or neither; None: measured when the expert cache is first allocated).
   m.def(
       "streamer_create(str device, int slots=2, int prefetch_depth=1, str mode=\"full\", bool trace=False, "
       "bool timing=True, int test_copy_delay_us=0, int test_fail_copy_at=-1, str policy=\"full\", "
-      "int cache_bytes=0, str eviction=\"lru\") -> int");
+      "int cache_bytes=0, str eviction=\"lru\", float? copy_overhead_us=None, float? copy_gb_per_s=None) -> int");
   // Destroy a streamer: waits for its in-flight copies, then frees its host store and slots.
   m.def("streamer_destroy(int handle) -> ()");
   // Allocate a layer's exact-size host storage (w13 [E,2I,H], w2 [E,H,I]); returns its index. Fill with streamer_write.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import numbers
 import os
 import struct
 from pathlib import Path
@@ -105,13 +106,20 @@ class WeightStreamer:
         policy: ``"full"`` (whole layers through the ring) or ``"on_demand"``: only the experts the
             batch routed to move, into an expert cache (a pool of expert-sized device slots shared by
             every layer), and :meth:`moe` runs ``fused_moe`` on the pool with an ``expert_map``.
-            ``"auto"``: as on_demand, but a step whose missing experts would cost more as separate
-            copies than the whole layer as one copy (a cost model measured when the cache is first
-            allocated: per-copy overhead and bandwidth) copies the whole layer into slots ``[0, E)``;
-            the pool must hold ``E`` slots for that (else the step goes on demand). When the cache holds
+            ``"auto"``: as on_demand, but a step whose missing experts would cost at least as much as
+            separate copies as the whole layer does as one copy (a cost model of per-copy overhead and
+            bandwidth, measured when the cache is first allocated or set by ``copy_cost``; the tie,
+            every expert missing and no overhead, goes to the whole layer) copies the whole layer into
+            a region of ``E`` pool slots; the pool must hold ``E`` slots for that (else the step goes
+            on demand). When the cache holds
             at least one layer, such a wide step (a prefill) grows the pool to two layer regions (the
             memory full's two-slot ring uses) and copies the next layer whole into the other region
             while this one computes: full's double buffering.
+        copy_cost: policy auto's cost model as ``(overhead_us, gb_per_s)`` -- a copy of ``b`` bytes
+            costs ``overhead_us`` microseconds plus ``b`` at ``gb_per_s`` GB/s -- instead of measuring
+            it when the cache is first allocated (``None``, the default). For deterministic
+            decisions (tests), or where the measurement is noisy (a busy GPU); e.g. ``(10.0, 25.0)``:
+            10 us per copy, 25 GB/s. ``cache_state()`` reports the model in use.
         cache_bytes: on_demand: bytes of experts the cache keeps between steps (``0``: none). A step
             whose distinct experts exceed it still runs: the pool grows to the step's working set and
             the slots beyond the budget are emptied when the step ends.
@@ -146,7 +154,8 @@ class WeightStreamer:
     def __init__(self, device: Union[str, torch.device] = "cuda", slots: int = 2, prefetch_depth: int = 1,
                  mode: str = "full", *, trace: bool = False, timing: bool = True, test_copy_delay_us: int = 0,
                  test_fail_copy_at: int = -1, policy: str = "full", cache_bytes: int = 0,
-                 eviction: str = "flru", ids_path: str = "host") -> None:
+                 eviction: str = "flru", ids_path: str = "host",
+                 copy_cost: Optional[tuple[float, float]] = None) -> None:
         self._handle: Optional[int] = None
         dev = torch.device(device)
         if dev.type == "cuda":
@@ -169,6 +178,7 @@ class WeightStreamer:
         if ids_path == "device" and policy == "full":
             raise ValueError("ids_path='device' needs policy 'on_demand' or 'auto' (policy 'full' moves whole "
                              "layers and reads no ids)")
+        overhead_us, gb_per_s = _check_copy_cost(copy_cost, policy)
         self.policy = policy
         self.ids_path = ids_path
         self.cache_bytes = cache_bytes
@@ -182,7 +192,8 @@ class WeightStreamer:
         self.prefetch_depth = int(prefetch_depth)
         self._handle = torch.ops.moe_swap.streamer_create(
             str(dev), self.slots, self.prefetch_depth, mode, bool(trace), bool(timing), int(test_copy_delay_us),
-            int(test_fail_copy_at), policy, 0 if ids_path == "device" else int(cache_bytes), eviction)
+            int(test_fail_copy_at), policy, 0 if ids_path == "device" else int(cache_bytes), eviction, overhead_us,
+            gb_per_s)
         _LAYER_META[self._handle] = []
 
     # ---- lifetime ----
@@ -409,7 +420,7 @@ class WeightStreamer:
         if self._regions is not None:
             out["device_regions"] = [None if r is None else (r.slots, r.slot_expert.tolist()) for r in self._regions]
         return out | {"slots": info[0], "capacity": info[1], "occupied": info[2], "expert_bytes": info[3],
-                # policy auto's measured cost model (None until the cache is first allocated)
+                # policy auto's cost model: as set by copy_cost, else measured (None until the cache is first allocated)
                 "copy_overhead_us": info[4] / 1e3 if info[4] >= 0 else None,
                 "copy_gb_per_s": info[5] / 1e9 if info[5] >= 0 else None,
                 "entries": [tuple(r) for r in table.tolist()]}
@@ -528,6 +539,23 @@ class _DeviceRegion:
         """(steps, hits, misses, bytes per expert), read from the device."""
         hits, misses = self.counters.tolist()
         return int(self.clock.item()), hits, misses, self.expert_bytes
+
+
+def _check_copy_cost(copy_cost, policy: str) -> tuple[Optional[float], Optional[float]]:
+    """``copy_cost`` -> (overhead_us, gb_per_s), both None when it is None."""
+    if copy_cost is None:
+        return None, None
+    if policy != "auto":
+        raise ValueError(f"copy_cost is the cost model of policy 'auto'; got it with policy {policy!r}")
+    if (isinstance(copy_cost, (str, bytes)) or not hasattr(copy_cost, "__len__") or len(copy_cost) != 2
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in copy_cost)):
+        raise ValueError(f"copy_cost must be (overhead_us, gb_per_s), two numbers, got {copy_cost!r}")
+    overhead_us, gb_per_s = float(copy_cost[0]), float(copy_cost[1])
+    if not math.isfinite(overhead_us) or overhead_us < 0:
+        raise ValueError(f"copy_cost: overhead_us (microseconds per copy) must be finite and >= 0, got {copy_cost[0]!r}")
+    if not math.isfinite(gb_per_s) or gb_per_s <= 0:
+        raise ValueError(f"copy_cost: gb_per_s (copy bandwidth, GB/s) must be finite and > 0, got {copy_cost[1]!r}")
+    return overhead_us, gb_per_s
 
 
 def live_counts() -> dict:

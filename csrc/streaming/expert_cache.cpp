@@ -32,6 +32,7 @@ void ExpertCache::resize(int64_t n) {
 void ExpertCache::clear() {
   for (Slot& s : slots_) s = Slot{};
   for (auto& layer : where_) std::fill(layer.begin(), layer.end(), kEmpty);
+  occupied_ = 0;
 }
 
 void ExpertCache::add_layer(int64_t num_experts) {
@@ -73,34 +74,44 @@ double ExpertCache::keep_value(const Slot& s, int64_t now, int64_t ticks_per_pas
   return 0.0;
 }
 
-int64_t ExpertCache::take_slot(int64_t now, int64_t ticks_per_pass, bool may_take_predictions,
-                               int64_t& evicted_layer) {
-  const int64_t s = pick(now, ticks_per_pass, /*occupied_only=*/false, /*include_predicted=*/false, evicted_layer);
-  if (s >= 0 || !may_take_predictions) return s;
-  // A routed expert outranks a guess: take a slot some prediction for a later layer holds.
-  return pick(now, ticks_per_pass, /*occupied_only=*/false, /*include_predicted=*/true, evicted_layer);
+void ExpertCache::begin_taking(int64_t now, int64_t ticks_per_pass, int64_t at_most) {
+  taking_.clear();
+  taking_next_ = 0;
+  taking_predicted_ranked_ = false;
+  taking_now_ = now;
+  taking_ticks_per_pass_ = ticks_per_pass;
+  taking_at_most_ = at_most;
+  if (at_most > 0) rank_victims(now, ticks_per_pass, /*occupied_only=*/false, /*predicted=*/false, at_most, taking_);
 }
 
-int64_t ExpertCache::pick(int64_t now, int64_t ticks_per_pass, bool occupied_only, bool include_predicted,
-                          int64_t& evicted_layer) {
+int64_t ExpertCache::take_slot(bool may_take_predictions, int64_t& evicted_layer) {
   evicted_layer = -1;
-  int64_t best = -1;
-  double best_value = std::numeric_limits<double>::infinity();
+  if (taking_next_ == taking_.size() && may_take_predictions && !taking_predicted_ranked_) {
+    // A routed expert outranks a guess: then the slots predictions for later layers hold.
+    taking_predicted_ranked_ = true;
+    rank_victims(taking_now_, taking_ticks_per_pass_, /*occupied_only=*/false, /*predicted=*/true,
+                 taking_at_most_ - static_cast<int64_t>(taking_next_), taking_);
+  }
+  if (taking_next_ == taking_.size()) return -1;
+  const int64_t slot = taking_[taking_next_++];
+  evicted_layer = slots_[slot].layer;  // kEmpty (-1) for an empty slot
+  drop(slot);
+  return slot;
+}
+
+void ExpertCache::rank_victims(int64_t now, int64_t ticks_per_pass, bool occupied_only, bool predicted, int64_t limit,
+                               std::vector<int64_t>& out) {
+  ranked_.clear();
   for (int64_t i = 0; i < num_slots(); ++i) {
     const Slot& s = slots_[i];
-    if (s.pinned || (s.predicted && !include_predicted)) continue;  // used by this step, or a prediction not yet used
+    if (s.pinned || s.predicted != predicted) continue;  // used by this step, or of the kind not asked for
     if (occupied_only && s.layer == kEmpty) continue;
-    const double v = keep_value(s, now, ticks_per_pass);
-    if (v < best_value) {
-      best = i;
-      best_value = v;
-    }
+    ranked_.emplace_back(keep_value(s, now, ticks_per_pass), i);
   }
-  if (best >= 0 && slots_[best].layer != kEmpty) {
-    evicted_layer = slots_[best].layer;
-    drop(best);
-  }
-  return best;
+  // (value, slot) pairs compare by value, then by slot: the first minimum a scan would keep.
+  const auto end = ranked_.begin() + std::min<int64_t>(limit, static_cast<int64_t>(ranked_.size()));
+  std::partial_sort(ranked_.begin(), end, ranked_.end());
+  for (auto it = ranked_.begin(); it != end; ++it) out.push_back(it->second);
 }
 
 void ExpertCache::assign(int64_t slot, int64_t layer, int64_t expert, bool predicted) {
@@ -108,13 +119,14 @@ void ExpertCache::assign(int64_t slot, int64_t layer, int64_t expert, bool predi
   TORCH_INTERNAL_ASSERT(where_[layer][expert] == kEmpty, "expert ", expert, " of layer ", layer, " cached twice");
   slots_[slot] = Slot{layer, expert, false, predicted};
   where_[layer][expert] = slot;
+  ++occupied_;
 }
 
 int64_t ExpertCache::end_prediction(int64_t layer) {
   int64_t unused = 0;
-  for (Slot& s : slots_) {
-    if (s.layer == layer && s.predicted) {
-      s.predicted = false;
+  for (int64_t slot : where_[layer]) {  // the layer's entries, not the whole pool
+    if (slot != kEmpty && slots_[slot].predicted) {
+      slots_[slot].predicted = false;
       ++unused;
     }
   }
@@ -123,27 +135,37 @@ int64_t ExpertCache::end_prediction(int64_t layer) {
 
 void ExpertCache::drop(int64_t slot) {
   Slot& s = slots_[slot];
-  if (s.layer != kEmpty) where_[s.layer][s.expert] = kEmpty;
+  if (s.layer != kEmpty) {
+    where_[s.layer][s.expert] = kEmpty;
+    --occupied_;
+  }
   s = Slot{};
 }
 
-std::vector<int64_t> ExpertCache::trim(int64_t now, int64_t ticks_per_pass) {
+void ExpertCache::trim(int64_t now, int64_t ticks_per_pass, std::vector<int64_t>& evicted_layers) {
   unpin_all();
-  std::vector<int64_t> evicted;
-  for (int64_t n = occupied(); n > capacity_; --n) {
-    int64_t layer = -1;
-    if (pick(now, ticks_per_pass, /*occupied_only=*/true, /*include_predicted=*/false, layer) < 0) break;  // the rest are predictions for the next layers
-    evicted.push_back(layer);
+  evicted_layers.clear();
+  const int64_t excess = occupied_ - capacity_;
+  if (excess <= 0) return;
+  // Candidates: occupied, not predictions for the next layers (those are kept; all are unpinned now).
+  std::vector<int64_t>& victims = trim_victims_;
+  victims.clear();
+  for (int64_t i = 0; i < num_slots(); ++i) {
+    if (slots_[i].layer != kEmpty && !slots_[i].predicted) victims.push_back(i);
   }
-  return evicted;
+  // All of them go (a wide step's layer after its step): no ranking needed. Else the policy's victims.
+  if (static_cast<int64_t>(victims.size()) > excess) {
+    victims.clear();
+    rank_victims(now, ticks_per_pass, /*occupied_only=*/true, /*predicted=*/false, excess, victims);
+  }
+  for (int64_t slot : victims) {
+    evicted_layers.push_back(slots_[slot].layer);
+    drop(slot);
+  }
 }
 
 void ExpertCache::unpin_all() {
   for (Slot& s : slots_) s.pinned = false;
-}
-
-int64_t ExpertCache::occupied() const {
-  return std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.layer != kEmpty; });
 }
 
 }  // namespace moe_swap::streaming

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moe_swap::streaming {
@@ -45,11 +46,15 @@ class ExpertCache {
   int64_t find(int64_t layer, int64_t expert) const;
   // Record a use at time `now` (one step of one layer is one tick) and pin it for the step.
   void touch(int64_t slot, int64_t now, int64_t ticks_per_pass);
-  // A slot for a missing expert: an empty one first, else the eviction policy's victim among slots
-  // not pinned by the current step nor holding an unused prediction (with may_take_predictions,
-  // those too when nothing else is left). Returns -1 when no slot qualifies. When a cached expert
-  // is given up, `evicted_layer` is set to its layer, else to -1.
-  int64_t take_slot(int64_t now, int64_t ticks_per_pass, bool may_take_predictions, int64_t& evicted_layer);
+  // Slots for missing experts, one ranking of the pool per step (O(N log N), not O(N) per miss):
+  // begin_taking ranks the slots not pinned by the current step nor holding an unused prediction,
+  // empty ones first, then by the eviction policy; each take_slot then empties and returns the next
+  // (with may_take_predictions, slots holding predictions for later layers when nothing else is
+  // left), or -1 when no slot qualifies. `evicted_layer`: the layer of the cached expert given up, or
+  // -1. `at_most`: how many take_slot calls will follow at most. Between begin_taking and the last
+  // take_slot the caller only assigns (and touches) the slots it took.
+  void begin_taking(int64_t now, int64_t ticks_per_pass, int64_t at_most);
+  int64_t take_slot(bool may_take_predictions, int64_t& evicted_layer);
   // The (empty) slot now holds (layer, expert); `predicted`: brought in ahead by a prediction, kept
   // from eviction until that layer's next step (end_prediction). A routed miss is touch()ed after.
   void assign(int64_t slot, int64_t layer, int64_t expert, bool predicted);
@@ -57,16 +62,17 @@ class ExpertCache {
   int64_t end_prediction(int64_t layer);
   // Empty a slot (its copy failed, or it was trimmed).
   void drop(int64_t slot);
-  // End of a step: unpin, then give up slots beyond `capacity` by the eviction policy; returns the
-  // layer of every expert given up (one entry each), for the per-layer eviction counts.
-  std::vector<int64_t> trim(int64_t now, int64_t ticks_per_pass);
+  // End of a step: unpin, then give up slots beyond `capacity` by the eviction policy; `evicted_layers`
+  // (cleared first) gets the layer of every expert given up (one entry each), for the per-layer
+  // eviction counts.
+  void trim(int64_t now, int64_t ticks_per_pass, std::vector<int64_t>& evicted_layers);
   void unpin_all();
 
   int64_t slot_layer(int64_t slot) const { return slots_[slot].layer; }
   int64_t slot_expert(int64_t slot) const { return slots_[slot].expert; }
   bool slot_predicted(int64_t slot) const { return slots_[slot].predicted; }
   bool slot_pinned(int64_t slot) const { return slots_[slot].pinned; }
-  int64_t occupied() const;
+  int64_t occupied() const { return occupied_; }
 
  private:
   struct Slot {
@@ -81,8 +87,11 @@ class ExpertCache {
     double score = 0.0;      // FLRU: decayed use count as of last_use
   };
   static double half_life(int64_t ticks_per_pass);
-  int64_t pick(int64_t now, int64_t ticks_per_pass, bool occupied_only, bool include_predicted,
-               int64_t& evicted_layer);
+  // Appends to `out` the (at most `limit`) unpinned slots whose `predicted` flag is `predicted`
+  // (occupied ones only, with occupied_only) that the eviction policy gives up first: lowest keep
+  // value first, ties by slot index (the order repeated single picks of the minimum would give).
+  void rank_victims(int64_t now, int64_t ticks_per_pass, bool occupied_only, bool predicted, int64_t limit,
+                    std::vector<int64_t>& out);
   // Lower is evicted first.
   double keep_value(const Slot& s, int64_t now, int64_t ticks_per_pass) const;
   History& history(int64_t layer, int64_t expert) { return history_[layer][expert]; }
@@ -93,6 +102,15 @@ class ExpertCache {
   std::vector<Slot> slots_;
   std::vector<std::vector<History>> history_;  // per layer, per expert
   std::vector<std::vector<int64_t>> where_;    // per layer, per expert: slot or -1
+  int64_t occupied_ = 0;                       // slots holding an expert
+  // scratch, kept so that a step allocates nothing: rank_victims' (keep value, slot), trim's victims
+  std::vector<std::pair<double, int64_t>> ranked_;
+  std::vector<int64_t> trim_victims_;
+  // begin_taking / take_slot: the ranked slots, the next one to give out, and the ranking's time
+  std::vector<int64_t> taking_;
+  size_t taking_next_ = 0;
+  bool taking_predicted_ranked_ = false;
+  int64_t taking_now_ = 0, taking_ticks_per_pass_ = 0, taking_at_most_ = 0;
 };
 
 }  // namespace moe_swap::streaming

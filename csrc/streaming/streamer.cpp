@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <exception>
 #include <limits>
 #include <sstream>
@@ -60,7 +61,7 @@ std::string held_layers_str(const std::vector<int>& held_slot) {
 
 Streamer::Streamer(c10::Device device, int64_t slots, int64_t prefetch_depth, Mode mode, bool trace, bool timing,
                    int64_t test_copy_delay_us, int64_t test_fail_copy_at, Policy policy, int64_t cache_bytes,
-                   Eviction eviction)
+                   Eviction eviction, std::optional<double> copy_overhead_us, std::optional<double> copy_gb_per_s)
     : mode_(mode), num_slots_(slots), prefetch_depth_(prefetch_depth), trace_(trace),
       test_fail_copy_at_(test_fail_copy_at), policy_(policy), cache_bytes_(cache_bytes), cache_(eviction) {
   TORCH_CHECK(slots >= 1 && slots <= 64, "slots must be in [1, 64], got ", slots);
@@ -76,6 +77,19 @@ Streamer::Streamer(c10::Device device, int64_t slots, int64_t prefetch_depth, Mo
                 slots - 1, "] (one slot is always the layer being computed), got ", prefetch_depth);
   }
   TORCH_CHECK(test_copy_delay_us >= 0, "test_copy_delay_us must be >= 0, got ", test_copy_delay_us);
+  TORCH_CHECK(copy_overhead_us.has_value() == copy_gb_per_s.has_value(),
+              "copy_overhead_us and copy_gb_per_s (policy auto's cost model) must be given together or not at all; got ",
+              copy_overhead_us.has_value() ? "only copy_overhead_us" : "only copy_gb_per_s");
+  if (copy_overhead_us.has_value()) {
+    TORCH_CHECK(policy == Policy::kAuto, "copy_overhead_us/copy_gb_per_s set policy auto's cost model; this streamer's "
+                "policy is \"", policy == Policy::kFull ? "full" : "on_demand", "\"");
+    TORCH_CHECK(std::isfinite(*copy_overhead_us) && *copy_overhead_us >= 0.0,
+                "copy_overhead_us must be a finite number >= 0 (microseconds per copy), got ", *copy_overhead_us);
+    TORCH_CHECK(std::isfinite(*copy_gb_per_s) && *copy_gb_per_s > 0.0,
+                "copy_gb_per_s must be a finite number > 0 (GB/s), got ", *copy_gb_per_s);
+    copy_overhead_s_ = *copy_overhead_us * 1e-6;
+    copy_bytes_per_s_ = *copy_gb_per_s * 1e9;
+  }
   BackendOptions options{static_cast<int>(slots), trace, timing || trace, test_copy_delay_us};
   if (device.is_cpu()) {
     backend_ = make_cpu_backend(options);
@@ -127,10 +141,14 @@ int64_t Streamer::reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_sh
     pool_w13_shape_ = {2 * l.intermediate, l.hidden};
     pool_w2_shape_ = {l.hidden, l.intermediate};
     pool_dtype_ = l.dtype;
-    const std::vector<int64_t> per_expert = pool_expert_bytes();
-    cache_.set_capacity(cache_bytes_ / (per_expert[0] + per_expert[1]));
+    const int64_t item = static_cast<int64_t>(c10::elementSize(pool_dtype_));
+    pool_expert_bytes_ = {pool_w13_shape_[0] * pool_w13_shape_[1] * item, pool_w2_shape_[0] * pool_w2_shape_[1] * item};
+    cache_.set_capacity(cache_bytes_ / (pool_expert_bytes_[0] + pool_expert_bytes_[1]));
   }
-  cache_.add_layer(store_.layout(layer).num_experts);
+  const int64_t num_experts = store_.layout(layer).num_experts;
+  cache_.add_layer(num_experts);
+  max_layer_experts_ = std::max(max_layer_experts_, num_experts);
+  if (policy_ != Policy::kFull) routed_seen_.resize(max_layer_experts_, 0);
   layer_stats_.emplace_back();
   held_slot_.push_back(kNotHeld);
   return layer;
@@ -472,12 +490,30 @@ std::vector<int64_t> Streamer::info() {
 
 // ---- policy on_demand: the expert cache ----
 
-std::vector<int64_t> Streamer::pool_expert_bytes() const {
-  const int64_t item = static_cast<int64_t>(c10::elementSize(pool_dtype_));
-  return {pool_w13_shape_[0] * pool_w13_shape_[1] * item, pool_w2_shape_[0] * pool_w2_shape_[1] * item};
+namespace {
+
+// Appends each id's first occurrence to `distinct`, marking it in `seen` (all zero on entry; the caller
+// clears the marks of `distinct` after).
+template <typename id_t>
+void collect_distinct(const char* op, int64_t layer, const id_t* v, int64_t n, int64_t num_experts,
+                      std::vector<char>& seen, std::vector<int64_t>& distinct) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = static_cast<int64_t>(v[i]);
+    if (e < 0 || e >= num_experts) {
+      for (int64_t d : distinct) seen[d] = 0;  // leave the marks clear for the next call
+      TORCH_CHECK(false, op, "(", layer, "): topk_ids must be expert ids in [0, ", num_experts, ") (layer ", layer,
+                  " has ", num_experts, " experts), got ", e, " at flat position ", i);
+    }
+    if (!seen[e]) {
+      seen[e] = 1;
+      distinct.push_back(e);
+    }
+  }
 }
 
-std::vector<int64_t> Streamer::distinct_ids_on_host(const char* op, int64_t layer, const at::Tensor& ids) {
+}  // namespace
+
+const std::vector<int64_t>& Streamer::distinct_ids_on_host(const char* op, int64_t layer, const at::Tensor& ids) {
   TORCH_CHECK(ids.defined(), op, "(", layer, "): topk_ids is undefined");
   TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op, "(", layer,
               "): topk_ids must be int32 or int64, got ", ids.scalar_type());
@@ -485,22 +521,19 @@ std::vector<int64_t> Streamer::distinct_ids_on_host(const char* op, int64_t laye
               "): topk_ids must be on the CPU or on the streamer's device ", backend_->device(), ", got ", ids.device());
   const auto t0 = std::chrono::steady_clock::now();
   // On CUDA this is the device->host copy that makes the host wait for the router: measured below.
-  const at::Tensor host = ids.to(at::kCPU).to(at::kLong).contiguous();
+  // Read as they come (int32 or int64): no conversion, no copy on the CPU when already contiguous.
+  const at::Tensor host = (ids.device().is_cpu() ? ids : ids.to(at::kCPU)).contiguous();
   const auto t1 = std::chrono::steady_clock::now();
   layer_stats_[layer].ids_to_host_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
   const int64_t E = store_.layout(layer).num_experts;
-  std::vector<char> seen(E, 0);
-  std::vector<int64_t> distinct;
-  const int64_t* v = host.data_ptr<int64_t>();
-  for (int64_t i = 0; i < host.numel(); ++i) {
-    TORCH_CHECK(v[i] >= 0 && v[i] < E, op, "(", layer, "): topk_ids must be expert ids in [0, ", E, ") (layer ",
-                layer, " has ", E, " experts), got ", v[i], " at flat position ", i);
-    if (!seen[v[i]]) {
-      seen[v[i]] = 1;
-      distinct.push_back(v[i]);
-    }
+  distinct_.clear();
+  if (host.scalar_type() == at::kInt) {
+    collect_distinct(op, layer, host.data_ptr<int32_t>(), host.numel(), E, routed_seen_, distinct_);
+  } else {
+    collect_distinct(op, layer, host.data_ptr<int64_t>(), host.numel(), E, routed_seen_, distinct_);
   }
-  return distinct;
+  for (int64_t e : distinct_) routed_seen_[e] = 0;
+  return distinct_;
 }
 
 // The pool holds max(cache capacity, the largest step's distinct experts) slots: a step never fails
@@ -515,10 +548,11 @@ void Streamer::ensure_pool(int64_t slots_needed) {
     if (cache_.slot_layer(i) != ExpertCache::kEmpty) layer_stats_[cache_.slot_layer(i)].evictions += 1;
   }
   cache_.clear();
-  const std::vector<int64_t> per_expert = pool_expert_bytes();
-  pool_memory_ = {backend_->allocate_slot(static_cast<size_t>(n * per_expert[0])),
-                  backend_->allocate_slot(static_cast<size_t>(n * per_expert[1]))};
+  pool_memory_ = {backend_->allocate_slot(static_cast<size_t>(n * pool_expert_bytes_[0])),
+                  backend_->allocate_slot(static_cast<size_t>(n * pool_expert_bytes_[1]))};
   cache_.resize(n);
+  pool_views_ = {pool_memory_[0].view(pool_dtype_).view({n, pool_w13_shape_[0], pool_w13_shape_[1]}),
+                 pool_memory_[1].view(pool_dtype_).view({n, pool_w2_shape_[0], pool_w2_shape_[1]})};
   predicted_pending_.clear();
   if (policy_ == Policy::kAuto && copy_bytes_per_s_ < 0) calibrate_copy_cost();
 }
@@ -528,7 +562,7 @@ void Streamer::ensure_pool(int64_t slots_needed) {
 // CUDA it blocks the host (once per streamer).
 void Streamer::calibrate_copy_cost() {
   const int64_t n = std::min<int64_t>({cache_.num_slots(), store_.layout(0).num_experts, 8});
-  const std::vector<int64_t> per_expert = pool_expert_bytes();
+  const std::array<int64_t, 2>& per_expert = pool_expert_bytes_;
   const double expert_bytes = static_cast<double>(per_expert[0] + per_expert[1]);
   if (n < 2) {  // nothing to compare: assume copies are all bandwidth (auto then behaves as on_demand)
     copy_overhead_s_ = 0.0;
@@ -555,28 +589,24 @@ void Streamer::calibrate_copy_cost() {
   copy_bytes_per_s_ = static_cast<double>(n) * expert_bytes / transfer_s;
 }
 
-int64_t Streamer::max_layer_experts() const {
-  int64_t most = 0;
-  for (int64_t i = 0; i < store_.num_layers(); ++i) most = std::max(most, store_.layout(i).num_experts);
-  return most;
-}
-
 // Put every expert of `target` into slots [base, base + E) and add the copies to `plan`: the layer's
-// entries elsewhere and every other entry in the region are given up. `routed` experts are used now
-// (pinned); `predicted`: the copies run ahead of the layer's step.
-void Streamer::place_whole_layer(int64_t target, int64_t base, bool predicted, const std::vector<char>* routed,
-                                 int64_t now, CopyPlan& plan, std::vector<int64_t>& assigned) {
+// entries elsewhere and every other entry in the region are given up. `predicted`: the copies run
+// ahead of the layer's step. O(E): the layer's entries are found by the cache's index.
+void Streamer::place_whole_layer(int64_t target, int64_t base, bool predicted, CopyPlan& plan,
+                                 std::vector<int64_t>& assigned) {
   const int64_t E = store_.layout(target).num_experts;
-  for (int64_t i = 0; i < cache_.num_slots(); ++i) {
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t slot = cache_.find(target, e);
+    if (slot != ExpertCache::kEmpty) cache_.drop(slot);
+  }
+  for (int64_t i = base; i < base + E; ++i) {
     const int64_t owner = cache_.slot_layer(i);
-    if (owner == target || (i >= base && i < base + E && owner != ExpertCache::kEmpty)) {
-      if (owner != target) layer_stats_[owner].evictions += 1;
-      cache_.drop(i);
-    }
+    if (owner == ExpertCache::kEmpty) continue;
+    layer_stats_[owner].evictions += 1;
+    cache_.drop(i);
   }
   for (int64_t e = 0; e < E; ++e) {
     cache_.assign(base + e, target, e, predicted);
-    if (routed != nullptr && (*routed)[e]) cache_.touch(base + e, now, store_.num_layers());
     add_expert_chunks(plan, target, e, base + e);  // neighbours merge: one chunk per weight
     assigned.push_back(base + e);
   }
@@ -584,24 +614,24 @@ void Streamer::place_whole_layer(int64_t target, int64_t base, bool predicted, c
 
 // policy auto: one copy of the whole layer (2 copies: w13 and w2) against 2 copies per missing expert.
 bool Streamer::whole_layer_is_cheaper(int64_t layer, int64_t misses, int64_t base) const {
-  return cache_.num_slots() >= base + store_.layout(layer).num_experts && whole_layer_costs_less(layer, misses);
+  return cache_.num_slots() >= base + store_.layout(layer).num_experts && whole_layer_costs_no_more(layer, misses);
 }
 
-// The cost model alone: one copy per weight of all E experts against 2 copies per missing expert.
-bool Streamer::whole_layer_costs_less(int64_t layer, int64_t misses) const {
+// The cost model alone: one copy per weight of all E experts against 2 copies per missing expert. A tie
+// (no per-copy overhead, every expert missing: the same bytes either way) goes to the whole layer, whose
+// region lets the next layer be copied under this one's compute; on a CPU the measured overhead is often 0.
+bool Streamer::whole_layer_costs_no_more(int64_t layer, int64_t misses) const {
   const int64_t E = store_.layout(layer).num_experts;
   if (policy_ != Policy::kAuto || misses == 0 || copy_bytes_per_s_ <= 0) return false;
-  const std::vector<int64_t> per_expert = pool_expert_bytes();
-  const double expert_s = static_cast<double>(per_expert[0] + per_expert[1]) / copy_bytes_per_s_;
+  const double expert_s = static_cast<double>(pool_expert_bytes_[0] + pool_expert_bytes_[1]) / copy_bytes_per_s_;
   const double on_demand_s = static_cast<double>(misses) * (2.0 * copy_overhead_s_ + expert_s);
   const double whole_s = 2.0 * copy_overhead_s_ + static_cast<double>(E) * expert_s;
-  return whole_s < on_demand_s;
+  return whole_s <= on_demand_s;
 }
 
 void Streamer::add_expert_chunks(CopyPlan& plan, int64_t layer, int64_t expert, int64_t slot) const {
-  const std::vector<int64_t> per_expert = pool_expert_bytes();
   for (int which = 0; which < 2; ++which) {
-    const size_t bytes = static_cast<size_t>(per_expert[which]);
+    const size_t bytes = static_cast<size_t>(pool_expert_bytes_[which]);
     const uint8_t* src = store_.block(layer, which)->data + expert * bytes;
     uint8_t* dst = static_cast<uint8_t*>(pool_memory_[which].data_ptr()) + slot * bytes;
     plan.bytes += bytes;
@@ -640,23 +670,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   TORCH_CHECK(held_slot_[layer] == kNotHeld, "acquire_experts(", layer, "): layer ", layer,
               " is already acquired; release_experts it first");
   collect_spans(/*block=*/false);
-  const std::vector<int64_t> distinct = distinct_ids_on_host("acquire_experts", layer, topk_ids);
+  const std::vector<int64_t>& distinct = distinct_ids_on_host("acquire_experts", layer, topk_ids);
+  const int64_t distinct_count = static_cast<int64_t>(distinct.size());
   LayerStats& st = layer_stats_[layer];
   st.acquires += 1;
-  ensure_pool(static_cast<int64_t>(distinct.size()));
+  ensure_pool(distinct_count);
   // policy auto: a wide step (a prefill) gets full's double buffering -- two layer-sized regions, the
   // next layer copied whole into one while this layer computes on the other (below). The pool grows to
   // 2E slots only when that stays within cache capacity + one layer's working set (the planner's room).
-  const int64_t region_experts = max_layer_experts();
+  const int64_t region_experts = max_layer_experts_;
   if (policy_ == Policy::kAuto && cache_.num_slots() < 2 * region_experts && cache_.capacity() >= region_experts &&
-      whole_layer_costs_less(layer, static_cast<int64_t>(distinct.size()))) {
+      whole_layer_costs_no_more(layer, distinct_count)) {
     ensure_pool(2 * region_experts);
   }
   const int64_t now = ++clock_;
   const int64_t ticks_per_pass = store_.num_layers();
 
-  std::vector<int32_t> expert_map(l.num_experts, -1);
-  std::vector<int64_t> misses;
+  // The expert map is built in the tensor returned (no staging copy): expert -> pool slot, -1 not routed.
+  at::Tensor map = at::empty({l.num_experts}, at::kInt);
+  int32_t* expert_map = map.data_ptr<int32_t>();
+  std::fill(expert_map, expert_map + l.num_experts, -1);
+  std::vector<int64_t>& misses = step_misses_;
+  misses.clear();
   for (int64_t e : distinct) {
     const int64_t s = cache_.find(layer, e);
     if (s < 0) {
@@ -671,24 +706,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   cache_.end_prediction(layer);  // this layer's unused guesses become ordinary (evictable) entries
   const int64_t miss_count = static_cast<int64_t>(misses.size());
   CopyPlan plan{layer, kDemandChannel, 0, {}, false};
-  std::vector<int64_t> assigned;
+  std::vector<int64_t>& assigned = step_assigned_;
+  assigned.clear();
   // policy auto: whole layers live in region [0, E) or, with room for two, in region (layer % 2) * E,
   // so a wide step (a prefill: most experts routed) can copy the next layer whole while it computes.
   const bool two_regions = cache_.num_slots() >= 2 * region_experts;
   const int64_t base = two_regions ? (layer % 2) * region_experts : 0;
-  if (whole_layer_is_cheaper(layer, static_cast<int64_t>(misses.size()), base)) {
+  if (whole_layer_is_cheaper(layer, miss_count, base)) {
     // One copy per weight: expert e into slot base + e. The layer's cached experts move there too (they
     // are copied again: the cost model counted that), and whatever else held the region is evicted.
-    std::vector<char> routed(l.num_experts, 0);
-    for (int64_t e : distinct) routed[e] = 1;
-    place_whole_layer(layer, base, /*predicted=*/false, &routed, now, plan, assigned);
-    for (int64_t e : distinct) expert_map[e] = static_cast<int32_t>(base + e);
+    place_whole_layer(layer, base, /*predicted=*/false, plan, assigned);
+    for (int64_t e : distinct) {
+      cache_.touch(base + e, now, ticks_per_pass);  // routed: used now (pinned)
+      expert_map[e] = static_cast<int32_t>(base + e);
+    }
     st.layer_copies += 1;
     misses.clear();  // nothing left to place one by one (miss_count keeps the statistic)
   }
+  cache_.begin_taking(now, ticks_per_pass, static_cast<int64_t>(misses.size()));
   for (int64_t e : misses) {
     int64_t evicted_layer = -1;
-    const int64_t s = cache_.take_slot(now, ticks_per_pass, /*may_take_predictions=*/true, evicted_layer);
+    const int64_t s = cache_.take_slot(/*may_take_predictions=*/true, evicted_layer);
     // ensure_pool gave at least |distinct| slots and only this step's experts are pinned
     TORCH_INTERNAL_ASSERT(s >= 0, "expert cache: no slot for expert ", e, " of layer ", layer);
     if (evicted_layer >= 0) layer_stats_[evicted_layer].evictions += 1;
@@ -699,7 +737,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
     expert_map[e] = static_cast<int32_t>(s);
   }
   st.expert_misses += miss_count;
-  st.routed_distinct += static_cast<int64_t>(distinct.size());
+  st.routed_distinct += distinct_count;
   if (!plan.chunks.empty()) st.demand_copies += 1;
   st.hits += plan.chunks.empty() ? 1 : 0;
 
@@ -725,10 +763,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
     for (int64_t i = next_base; region_free && i < next_base + store_.layout(next).num_experts; ++i) {
       region_free = !cache_.slot_pinned(i);  // this step's experts stay where they are
     }
-    if (region_free && whole_layer_is_cheaper(layer, static_cast<int64_t>(distinct.size()), base)) {
+    if (region_free && whole_layer_is_cheaper(layer, distinct_count, base)) {
       CopyPlan ahead{next, kPredictChannel, 0, {}, false};
-      std::vector<int64_t> ahead_slots;
-      place_whole_layer(next, next_base, /*predicted=*/true, nullptr, now, ahead, ahead_slots);
+      std::vector<int64_t>& ahead_slots = ahead_slots_;
+      ahead_slots.clear();
+      place_whole_layer(next, next_base, /*predicted=*/true, ahead, ahead_slots);
       layer_stats_[next].predicted += static_cast<int64_t>(ahead_slots.size());
       try {
         issue_expert_plan(ahead, kPredictChannel);
@@ -747,12 +786,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   held_slot_[layer] = kHeldExperts;
   cursor_ = layer;
 
-  const int64_t N = cache_.num_slots();
-  at::Tensor map = at::from_blob(expert_map.data(), {l.num_experts}, at::kInt).clone();
   if (!backend_->device().is_cpu()) map = map.to(backend_->device(), /*non_blocking=*/false);
-  at::Tensor w13 = pool_memory_[0].view(l.dtype).view({N, pool_w13_shape_[0], pool_w13_shape_[1]});
-  at::Tensor w2 = pool_memory_[1].view(l.dtype).view({N, pool_w2_shape_[0], pool_w2_shape_[1]});
-  return {w13, w2, map};
+  // Fresh aliases: a caller changing a returned tensor's metadata (in place) cannot reach the next step's.
+  return {pool_views_[0].alias(), pool_views_[1].alias(), map};
 }
 
 void Streamer::release_experts(int64_t layer) {
@@ -764,7 +800,8 @@ void Streamer::release_experts(int64_t layer) {
   // Later copies into these slots are ordered after the compute queued so far: issue_copy forks the
   // copy stream from the current stream.
   backend_->record_free(-1, layer);
-  for (int64_t evicted_layer : cache_.trim(clock_, store_.num_layers())) layer_stats_[evicted_layer].evictions += 1;
+  cache_.trim(clock_, store_.num_layers(), evicted_layers_);
+  for (int64_t evicted_layer : evicted_layers_) layer_stats_[evicted_layer].evictions += 1;
 }
 
 void Streamer::predict(int64_t layer, const at::Tensor& expert_ids) {
@@ -773,16 +810,19 @@ void Streamer::predict(int64_t layer, const at::Tensor& expert_ids) {
   TORCH_CHECK(policy_ != Policy::kFull, "predict(", layer, "): only policies on_demand and auto predict experts");
   TORCH_CHECK(store_.bytes_written(layer) >= store_.layout(layer).host_bytes(), "predict(", layer, "): layer ",
               layer, " is not fully written yet");
-  const std::vector<int64_t> distinct = distinct_ids_on_host("predict", layer, expert_ids);
+  const std::vector<int64_t>& distinct = distinct_ids_on_host("predict", layer, expert_ids);
   if (!pool_memory_[0].defined() || held_slot_[layer] != kNotHeld) return;  // a hint: nothing to do yet
   const int64_t now = clock_;
   const int64_t ticks_per_pass = store_.num_layers();
   CopyPlan plan{layer, kPredictChannel, 0, {}, false};
-  std::vector<int64_t> assigned;
+  std::vector<int64_t>& assigned = step_assigned_;
+  assigned.clear();
+  cache_.begin_taking(now, ticks_per_pass, static_cast<int64_t>(distinct.size()));
   for (int64_t e : distinct) {
+    // Looked up now, not before the loop: a slot taken for an earlier id may have held this one.
     if (cache_.find(layer, e) >= 0) continue;
     int64_t evicted_layer = -1;
-    const int64_t s = cache_.take_slot(now, ticks_per_pass, /*may_take_predictions=*/false, evicted_layer);
+    const int64_t s = cache_.take_slot(/*may_take_predictions=*/false, evicted_layer);
     if (s < 0) break;  // every slot is in use or predicted: predict no further
     if (evicted_layer >= 0) layer_stats_[evicted_layer].evictions += 1;
     cache_.assign(s, layer, e, /*predicted=*/true);
@@ -810,13 +850,10 @@ std::tuple<std::vector<int64_t>, at::Tensor> Streamer::cache_state() {
     t[i][1] = cache_.slot_expert(i);
   }
   int64_t expert_bytes = 0;
-  if (!pool_w13_shape_.empty()) {
-    const std::vector<int64_t> per_expert = pool_expert_bytes();
-    expert_bytes = per_expert[0] + per_expert[1];
-  }
+  if (!pool_w13_shape_.empty()) expert_bytes = pool_expert_bytes_[0] + pool_expert_bytes_[1];
   return {{N, cache_.capacity(), cache_.occupied(), expert_bytes,
-           copy_overhead_s_ < 0 ? -1 : static_cast<int64_t>(copy_overhead_s_ * 1e9),
-           copy_bytes_per_s_ < 0 ? -1 : static_cast<int64_t>(copy_bytes_per_s_)},
+           copy_overhead_s_ < 0 ? -1 : static_cast<int64_t>(std::llround(copy_overhead_s_ * 1e9)),
+           copy_bytes_per_s_ < 0 ? -1 : static_cast<int64_t>(std::llround(copy_bytes_per_s_))},
           table};
 }
 
@@ -848,7 +885,8 @@ std::shared_ptr<Streamer> lookup(int64_t handle) {
 
 int64_t streamer_create(c10::string_view device, int64_t slots, int64_t prefetch_depth, c10::string_view mode,
                         bool trace, bool timing, int64_t test_copy_delay_us, int64_t test_fail_copy_at,
-                        c10::string_view policy, int64_t cache_bytes, c10::string_view eviction) {
+                        c10::string_view policy, int64_t cache_bytes, c10::string_view eviction,
+                        std::optional<double> copy_overhead_us, std::optional<double> copy_gb_per_s) {
   const Mode m = parse_mode(mode);
   const Policy p = parse_policy(policy);
   const Eviction ev = parse_eviction(std::string(eviction));
@@ -859,7 +897,7 @@ int64_t streamer_create(c10::string_view device, int64_t slots, int64_t prefetch
     TORCH_CHECK(false, "device must be \"cpu\" or \"cuda[:index]\", got \"", std::string(device), "\"");
   }
   auto streamer = std::make_shared<Streamer>(dev, slots, prefetch_depth, m, trace, timing, test_copy_delay_us,
-                                             test_fail_copy_at, p, cache_bytes, ev);
+                                             test_fail_copy_at, p, cache_bytes, ev, copy_overhead_us, copy_gb_per_s);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   const int64_t handle = r.next_handle++;

@@ -65,9 +65,10 @@ constexpr int kLayerStatsColumns = 16;
 
 class Streamer {
  public:
+  // copy_overhead_us / copy_gb_per_s: policy auto's cost model, set instead of measured (both or neither).
   Streamer(c10::Device device, int64_t slots, int64_t prefetch_depth, Mode mode, bool trace, bool timing,
            int64_t test_copy_delay_us, int64_t test_fail_copy_at, Policy policy, int64_t cache_bytes,
-           Eviction eviction);
+           Eviction eviction, std::optional<double> copy_overhead_us, std::optional<double> copy_gb_per_s);
   ~Streamer();  // waits for in-flight copies and pending "free" events, then frees
 
   int64_t reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_shape, at::ScalarType dtype);
@@ -121,17 +122,16 @@ class Streamer {
   std::tuple<at::Tensor, at::Tensor> slot_views(int slot, int64_t layer);
   void collect_spans(bool block);
   // on_demand
-  std::vector<int64_t> distinct_ids_on_host(const char* op, int64_t layer, const at::Tensor& ids);
+  // The distinct ids in first-seen order (a reference to distinct_: valid until the next call).
+  const std::vector<int64_t>& distinct_ids_on_host(const char* op, int64_t layer, const at::Tensor& ids);
   void ensure_pool(int64_t slots_needed);
   void add_expert_chunks(CopyPlan& plan, int64_t layer, int64_t expert, int64_t slot) const;
   void issue_expert_plan(CopyPlan& plan, int channel);
-  std::vector<int64_t> pool_expert_bytes() const;
   void calibrate_copy_cost();
   bool whole_layer_is_cheaper(int64_t layer, int64_t misses, int64_t base) const;
-  bool whole_layer_costs_less(int64_t layer, int64_t misses) const;
-  int64_t max_layer_experts() const;
-  void place_whole_layer(int64_t target, int64_t base, bool predicted, const std::vector<char>* routed, int64_t now,
-                         CopyPlan& plan, std::vector<int64_t>& assigned);
+  bool whole_layer_costs_no_more(int64_t layer, int64_t misses) const;
+  void place_whole_layer(int64_t target, int64_t base, bool predicted, CopyPlan& plan,
+                         std::vector<int64_t>& assigned);
 
   std::mutex mu_;
   const Mode mode_;
@@ -158,11 +158,17 @@ class Streamer {
   ExpertCache cache_;
   std::array<at::Tensor, 2> pool_memory_;
   std::vector<int64_t> pool_w13_shape_, pool_w2_shape_;  // per-expert [2I, H] and [H, I]
+  std::array<int64_t, 2> pool_expert_bytes_ = {0, 0};     // bytes of one expert's w13 and w2
+  std::array<at::Tensor, 2> pool_views_;                  // the pool as [N, 2I, H] and [N, H, I] of pool_dtype_
+  int64_t max_layer_experts_ = 0;                         // one layer region of the pool (policy auto)
   at::ScalarType pool_dtype_ = at::kFloat;
   int64_t clock_ = 0;               // one tick per acquire_experts: the cache's notion of time
   std::vector<int64_t> predicted_pending_;  // slots whose predicted copy nobody has waited for yet
-  // policy auto's cost model, measured on this machine when the pool is first allocated:
-  // a copy of b bytes costs copy_overhead_s_ + b / copy_bytes_per_s_
+  // per-step scratch, kept so that a step's bookkeeping allocates nothing (all under mu_)
+  std::vector<char> routed_seen_;           // [E], all zero between calls: distinct_ids_on_host's marks
+  std::vector<int64_t> distinct_, step_misses_, step_assigned_, evicted_layers_, ahead_slots_;
+  // policy auto's cost model, measured on this machine when the pool is first allocated (unless the
+  // creator set it): a copy of b bytes costs copy_overhead_s_ + b / copy_bytes_per_s_
   double copy_overhead_s_ = -1.0;
   double copy_bytes_per_s_ = -1.0;
   // statistics
@@ -173,7 +179,8 @@ class Streamer {
 // ---- torch op entry points (schemas in csrc/torch_bindings.cpp) ----
 int64_t streamer_create(c10::string_view device, int64_t slots, int64_t prefetch_depth, c10::string_view mode,
                         bool trace, bool timing, int64_t test_copy_delay_us, int64_t test_fail_copy_at,
-                        c10::string_view policy, int64_t cache_bytes, c10::string_view eviction);
+                        c10::string_view policy, int64_t cache_bytes, c10::string_view eviction,
+                        std::optional<double> copy_overhead_us, std::optional<double> copy_gb_per_s);
 void streamer_destroy(int64_t handle);
 int64_t streamer_reserve_layer(int64_t handle, at::IntArrayRef w13_shape, at::IntArrayRef w2_shape,
                                at::ScalarType dtype);
