@@ -161,10 +161,7 @@ void Streamer::set_cache_bytes(int64_t cache_bytes) {
   TORCH_CHECK(!pool_memory_[0].defined(), "set_cache_bytes: the expert cache is already allocated (a step ran); "
               "set the budget before the first step");
   cache_bytes_ = cache_bytes;
-  if (store_.num_layers() > 0) {
-    const std::vector<int64_t> per_expert = pool_expert_bytes();
-    cache_.set_capacity(cache_bytes_ / (per_expert[0] + per_expert[1]));
-  }
+  if (store_.num_layers() > 0) cache_.set_capacity(cache_bytes_ / (pool_expert_bytes_[0] + pool_expert_bytes_[1]));
 }
 
 void Streamer::write(int64_t layer, int64_t which, int64_t expert_start, int64_t row_offset, const at::Tensor& src) {
