@@ -20,12 +20,13 @@ Per shape, trace, policy and batch size: bytes copied per token, tokens/s, hit r
 the routed ids to the host, and the cold-cache bytes against the bytes of the distinct routed experts.
 Prediction recall (next layer's router on this layer's input) needs a real router, so it is measured on
 the demo model itself (the recorded trace's model), per shape. A prefill step (all experts touched)
-compares full, on_demand and auto.
+compares full and auto at equal device memory, passes alternated.
 
 Output: a table on stdout, JSON and a bytes-per-token chart (PNG) in --out.
 
   python benchmarks/bench_expert.py                       # CPU: scaled-down shapes
   python benchmarks/bench_expert.py --device cuda --out bench_results/expert.json
+  python benchmarks/bench_expert.py --prefill-only --prefill-rounds 300 --shapes qwen3   # prefill A/B only
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -246,33 +248,67 @@ def distinct_bytes_per_token(trace: torch.Tensor, expert_bytes: int) -> float:
     return distinct * expert_bytes / (steps * batch)
 
 
-def prefill(device, weights, tokens, cache_bytes, dtype, repeats=3):
-    """One prefill step (`tokens` uniform-routed tokens: every expert touched) per policy: seconds."""
+PREFILL_POLICIES = ("full", "auto")
+
+
+def prefill(device, weights, tokens, dtype, rounds=5, policies=PREFILL_POLICIES) -> dict:
+    """Prefill steps (`tokens` uniform-routed tokens through every layer: every expert touched), the
+    policies' streamers side by side, passes alternated in a rotating order so that a shared machine's
+    load falls on all alike. Every policy gets the device memory of full's two-slot ring (two layers):
+    auto can then double-buffer whole layers like the ring does. (With ids_path="device" a prefill
+    takes the same host path, in the room of two layers auto keeps for it.) Per policy: median and minimum wall time, the
+    main thread's CPU time (compute + the streamer's host work, not the copy engine's thread), and the
+    median of the per-round ratio to full."""
     layers = len(weights)
     E = weights[0][0].shape[0]
     H = weights[0][0].shape[2]
-    top_k = SHAPE_TOPK[E]
-    trace = synthetic_trace("uniform", layers, E, top_k, tokens, 1, seed=7)
+    layer_bytes = (weights[0][0].numel() + weights[0][1].numel()) * weights[0][0].element_size()
+    trace = synthetic_trace("uniform", layers, E, SHAPE_TOPK[E], tokens, 1, seed=7)
     hidden = (torch.randn(tokens, H) * 0.1).to(dtype).to(device)
-    out = {}
-    for policy in ("full", "on_demand", "auto"):
-        with make_streamer(policy, device, weights, cache_bytes) as s:
-            best = float("inf")
-            for _ in range(repeats):
-                synchronize(device)
-                start = time.perf_counter()
+    load = os.getloadavg()[0]
+    streamers = {p: make_streamer(p, device, weights, 2 * layer_bytes) for p in policies}
+    wall = {p: [] for p in policies}
+    cpu = {p: [] for p in policies}
+    try:
+        for policy, s in streamers.items():  # warm-up: pools, calibration, first copies
+            for _ in range(2):
                 run_steps(s, policy, trace, hidden, device)
+        for i in range(rounds):
+            for j in range(len(policies)):
+                policy = policies[(i + j) % len(policies)]
                 synchronize(device)
-                best = min(best, time.perf_counter() - start)
-            out[policy] = {"seconds": best}
-            if policy == "auto":
-                state = s.cache_state()
+                t, c = time.perf_counter(), time.thread_time()
+                run_steps(streamers[policy], policy, trace, hidden, device)
+                synchronize(device)
+                wall[policy].append((time.perf_counter() - t) * 1e3)
+                cpu[policy].append((time.thread_time() - c) * 1e3)
+        out = {}
+        for policy, s in streamers.items():
+            out[policy] = {"wall_ms": statistics.median(wall[policy]), "wall_min_ms": min(wall[policy]),
+                           "cpu_ms": statistics.median(cpu[policy]),
+                           "vs_full": statistics.median([a / f for a, f in zip(wall[policy], wall["full"])])}
+            if policy != "full":
+                state, stats = s.cache_state(), s.stats()
                 out[policy].update(copy_overhead_us=state["copy_overhead_us"], copy_gb_per_s=state["copy_gb_per_s"],
-                                   whole_layer_copies=s.stats()["layer_copies"])
-    return out
+                                   whole_layer_copies=stats["layer_copies"], copied_ahead=stats["predicted"])
+    finally:
+        for s in streamers.values():
+            s.close()
+    return {"tokens": tokens, "rounds": rounds, "load_before": load, "load_after": os.getloadavg()[0],
+            "policies": out}
 
 
 SHAPE_TOPK = {8: 2, 128: 8}
+
+
+def print_prefill(shape: str, result: dict) -> None:
+    auto = result["policies"].get("auto", {})
+    print(f"{shape:8} prefill {result['tokens']} tokens, {result['rounds']} rounds (load {result['load_before']:.2f}"
+          f" -> {result['load_after']:.2f}), median ms (x full, per-round median): " + ", ".join(
+              f"{p} {r['wall_ms']:.1f} ({r['vs_full']:.3f})" for p, r in result["policies"].items())
+          + (f"; auto's cost model {auto['copy_overhead_us']} us per copy, {auto['copy_gb_per_s']:.2f} GB/s, "
+             f"{auto['whole_layer_copies']} whole-layer copies on demand, {auto['copied_ahead']} experts copied ahead"
+             if auto else ""))
 
 
 def chart(results: dict, path: Path) -> None:
@@ -319,6 +355,8 @@ def main() -> int:
     p.add_argument("--scale", type=int, default=None, help="divide H and I by this (default: 16 on CPU, 2 on GPU)")
     p.add_argument("--steps", type=int, default=24, help="decode steps per run, the first quarter untimed (warm-up)")
     p.add_argument("--prefill-tokens", type=int, default=256)
+    p.add_argument("--prefill-rounds", type=int, default=5, help="alternated prefill passes per policy")
+    p.add_argument("--prefill-only", action="store_true", help="only the prefill comparison (no decode traces)")
     p.add_argument("--repeats", type=int, default=2, help="fresh runs per policy, the fastest kept (default 2)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--threads", type=int, default=1, help="torch compute threads on CPU (the copy engine is one more)")
@@ -351,7 +389,7 @@ def main() -> int:
         cache_bytes = int(CACHE_SHARE * args.layers * E) * expert_bytes
         entry = {"H": H, "I": I, "E": E, "top_k": top_k, "expert_bytes": expert_bytes, "cache_bytes": cache_bytes,
                  "runs": [], "traces": {}, "prediction": {}}
-        for batch in batches:
+        for batch in ([] if args.prefill_only else batches):
             for trace_kind in args.traces.split(","):
                 if trace_kind == "recorded":
                     trace, recall = recorded_trace(shape, batch, args.steps)
@@ -375,11 +413,8 @@ def main() -> int:
                           f"{row['bytes_per_token'] / 2**20:10.3f} {row['bytes_per_token'] / bound:10.2f} "
                           f"{100 * row.get('hit_rate', 0):7.1f}% {row.get('ids_to_host_ms_per_layer_step', 0):8.3f}ms "
                           f"{row['speedup_vs_full']:12.2f} {100 * row.get('device_step_share', 0):11.0f}%")
-        entry["prefill"] = prefill(device, weights, args.prefill_tokens, cache_bytes, dtype)
-        print(f"{shape:8} prefill {args.prefill_tokens} tokens: " + ", ".join(
-            f"{k} {v['seconds'] * 1e3:.1f} ms" for k, v in entry["prefill"].items())
-              + f"  (auto's cost model: {entry['prefill']['auto']['copy_overhead_us']} us per copy, "
-                f"{entry['prefill']['auto']['copy_gb_per_s']:.2f} GB/s)")
+        entry["prefill"] = prefill(device, weights, args.prefill_tokens, dtype, rounds=args.prefill_rounds)
+        print_prefill(shape, entry["prefill"])
         for key, stats in entry["traces"].items():
             if key.endswith("batch1"):
                 print(f"{shape:8} trace {key:18} top-quarter share {100 * stats['top_quarter_share']:.1f}% (max layer "
@@ -390,6 +425,9 @@ def main() -> int:
                   f"routed experts of predicted layers ({100 * rec['prediction_recall']:.1f}% of all layers')")
         results["shapes"][shape] = entry
     json_path.write_text(json.dumps(results, indent=1))
+    if args.prefill_only:
+        print(f"wrote {json_path}")
+        return 0
     png = json_path.with_suffix(".png")
     chart(results, png)
     print(f"wrote {json_path} and {png}")

@@ -336,6 +336,11 @@ def _offload(
         model.to(device)
     if streamer is not None and ids_path == "device":
         streamer.prepare_device_cache()  # allocated now, not inside a compiled or captured forward
+        if all(r is None for r in streamer.cache_state()["device_regions"]):
+            plan.warnings.append(
+                f"ids_path='device' but the expert cache ({format_bytes(plan.cache_bytes)}) leaves no region "
+                f"after the host path's room for wide steps ({'two layers' if policy == 'auto' else 'one layer'}): "
+                f"every step takes the host path; give a larger gpu_budget")
     if predict and policy != "full":
         for position, state in states.items():
             following = states.get(position + 1)  # the next MoE layer, when it streams too

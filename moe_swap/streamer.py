@@ -111,10 +111,10 @@ class WeightStreamer:
             bandwidth, measured when the cache is first allocated or set by ``copy_cost``; the tie,
             every expert missing and no overhead, goes to the whole layer) copies the whole layer into
             a region of ``E`` pool slots; the pool must hold ``E`` slots for that (else the step goes
-            on demand). When the cache holds
-            at least one layer, such a wide step (a prefill) grows the pool to two layer regions (the
-            memory full's two-slot ring uses) and copies the next layer whole into the other region
-            while this one computes: full's double buffering.
+            on demand). When the cache holds two layers (the memory full's two-slot ring takes), such a
+            wide step (a prefill) uses two layer regions and copies the next layer whole into the
+            other region while this one computes: full's double buffering. (With less, prefill layers
+            go one at a time: the pool never grows past ``cache_bytes`` for the overlap.)
         copy_cost: policy auto's cost model as ``(overhead_us, gb_per_s)`` -- a copy of ``b`` bytes
             costs ``overhead_us`` microseconds plus ``b`` at ``gb_per_s`` GB/s -- instead of measuring
             it when the cache is first allocated (``None``, the default). For deterministic

@@ -373,12 +373,12 @@ def test_auto_wide_steps_copy_the_next_layer_ahead(num_layers):
 
 
 def test_auto_wide_step_copies_the_next_layer_under_this_layers_compute():
-    # A cache of one layer: a wide step grows the pool to two layer regions (full's double buffering),
+    # A cache of two layers (full's ring): a wide step uses two layer regions (full's double buffering),
     # and acquire returns while the next layer's copy (slowed by the copy delay) is still running.
     experts = 8
     layers = random_layers(3, experts, inter=64, hidden=128)
     # 96 KiB experts, 10 us per copy, 0.1 GB/s: the whole layer (7.9 ms) beats 8 missing experts (8.0 ms)
-    with on_demand(layers, cache_experts=experts, policy="auto", copy_cost=SLOW_LINK, trace=True,
+    with on_demand(layers, cache_experts=2 * experts, policy="auto", copy_cost=SLOW_LINK, trace=True,
                    test_copy_delay_us=20000) as s:
         x = torch.randn(16, 128)
         weights = torch.rand(16, 2)
@@ -393,3 +393,18 @@ def test_auto_wide_step_copies_the_next_layer_under_this_layers_compute():
         layer0_acquired = max(sp["end_us"] for sp in stats["trace"] if sp["layer"] == 0 and sp["kind"] == "wait")
         layer1_landed = max(sp["end_us"] for sp in stats["trace"] if sp["layer"] == 1 and sp["kind"] == "copy")
         assert layer0_acquired < layer1_landed
+
+
+def test_auto_with_a_one_layer_cache_stays_within_its_budget():
+    # one layer of cache: prefill layers go one at a time; the pool does not grow to two regions
+    experts = 8
+    layers = random_layers(3, experts, inter=64, hidden=128)
+    with on_demand(layers, cache_experts=experts, policy="auto", copy_cost=SLOW_LINK) as s:
+        x = torch.randn(16, 128)
+        weights = torch.rand(16, 2)
+        ids = torch.arange(32, dtype=torch.int32).view(16, 2) % experts
+        for layer in range(3):
+            torch.testing.assert_close(s.moe(layer, x, weights, ids), fused_moe(x, *layers[layer], weights, ids))
+        stats = s.stats()
+        assert s.cache_state()["slots"] == experts
+        assert [l["layer_copies"] for l in stats["layers"]] == [1, 1, 1] and stats["predicted"] == 0

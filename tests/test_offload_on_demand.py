@@ -56,6 +56,17 @@ def test_device_ids_path_bad_combinations_raise():
         offloaded(model, policy="on_demand", ids_path="device", predict=True)
 
 
+def test_device_ids_path_without_room_for_regions_warns():
+    # no budget: the cache gets two layers, all of them auto's host room for prefills
+    model = tiny_model("qwen3_moe")
+    with pytest.warns(UserWarning, match="leaves no region after the host path's room for wide steps \\(two layers\\)"):
+        device, report = offloaded(model, policy="auto", ids_path="device")
+    ids = prompt(batch=1)
+    full, _ = offloaded(model, policy="full")
+    assert torch.equal(greedy(device, ids, 3), greedy(full, ids, 3))
+    assert report.stats()["device_steps"] == 0
+
+
 @pytest.mark.parametrize("eviction", ["lru", "lfu", "flru"])
 @pytest.mark.parametrize("predict", [False, True])
 def test_small_cache_every_eviction_with_and_without_prediction(eviction, predict):

@@ -673,13 +673,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   st.acquires += 1;
   ensure_pool(distinct_count);
   // policy auto: a wide step (a prefill) gets full's double buffering -- two layer-sized regions, the
-  // next layer copied whole into one while this layer computes on the other (below). The pool grows to
-  // 2E slots only when that stays within cache capacity + one layer's working set (the planner's room).
+  // next layer copied whole into one while this layer computes on the other (below) -- when the cache
+  // holds two layers (the memory full's two-slot ring takes). The pool never grows past its budget for
+  // it: only a single step's working set may exceed the budget, and the planner's minimum covers that.
   const int64_t region_experts = max_layer_experts_;
-  if (policy_ == Policy::kAuto && cache_.num_slots() < 2 * region_experts && cache_.capacity() >= region_experts &&
-      whole_layer_costs_no_more(layer, distinct_count)) {
-    ensure_pool(2 * region_experts);
-  }
   const int64_t now = ++clock_;
   const int64_t ticks_per_pass = store_.num_layers();
 
