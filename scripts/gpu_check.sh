@@ -82,8 +82,9 @@ run_bench() {  # name, seconds, command...
 # BENCHES picks and orders them (default: all, the expert-streaming one first), e.g. BENCHES="ops stream".
 for bench in ${BENCHES:-expert ops stream e2e}; do
   case "$bench" in
-    expert) run_bench bench_expert 90 "$PY" benchmarks/bench_expert.py --steps 16 --batch-sizes 1,8 \
-              --out "$OUT/bench_expert.json" ;;
+    # shapes scaled by 4 (Mixtral-shaped experts of 22 MiB): every run builds a fresh pinned host store
+    expert) run_bench bench_expert 120 "$PY" benchmarks/bench_expert.py --scale 4 --repeats 1 --steps 16 \
+              --batch-sizes 1,8 --traces skewed,recorded,uniform --prefill-rounds 3 --out "$OUT/bench_expert.json" ;;
     ops) run_bench bench_ops 75 "$PY" benchmarks/bench_ops.py --out "$OUT/bench_ops.json" ;;
     stream) run_bench bench_stream 90 "$PY" benchmarks/bench_stream.py --out "$OUT/bench_stream.json" ;;
     e2e) run_bench "moe_swap bench" 75 "$PY" -m moe_swap bench --out "$OUT/bench_e2e.json" ;;
