@@ -191,7 +191,9 @@ def cmd_demo(args) -> int:
 
 # resident: the unmodified model; fused_resident: moe_swap's kernels with every expert on the device
 # (isolates streaming from kernel differences); full/sync/uva: the streamer's modes; accelerate: cpu_offload
-BENCH_MODES = ("resident", "fused_resident", "full", "sync", "uva", "accelerate")
+BENCH_MODES = ("resident", "fused_resident", "full", "sync", "uva", "accelerate", "on_demand", "auto", "auto_device")
+# the expert-granular modes: (policy, ids_path) of moe_swap.load
+_POLICY_MODES = {"on_demand": ("on_demand", "host"), "auto": ("auto", "host"), "auto_device": ("auto", "device")}
 
 
 def _build_for_mode(mode: str, folder: str, device: str, dtype, gpu_budget, slots):
@@ -211,6 +213,10 @@ def _build_for_mode(mode: str, folder: str, device: str, dtype, gpu_budget, slot
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "nothing was offloaded" is the point here
             return load(folder, device=device, gpu_budget=2**62, slots=slots, dtype=dtype)
+    if mode in _POLICY_MODES:
+        policy, ids_path = _POLICY_MODES[mode]
+        return load(folder, device=device, gpu_budget=gpu_budget, slots=slots, policy=policy, ids_path=ids_path,
+                    dtype=dtype)
     return load(folder, device=device, gpu_budget=gpu_budget, slots=slots, mode=mode, dtype=dtype)
 
 
@@ -444,15 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-check", action="store_true", help="skip the comparison with the model without offload")
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="end-to-end tokens/s: resident, moe_swap full, sync, uva, accelerate",
+    bench = sub.add_parser("bench", help="end-to-end tokens/s: resident, moe_swap full, sync, uva, accelerate, "
+                                         "on_demand, auto",
                            description="Side-by-side end-to-end throughput on the same model: all weights resident, "
                                        "moe_swap full (double-buffered), sync (vLLM legacy cpu offload), uva (GPU "
-                                       "kernels read pinned memory) and Hugging Face accelerate's cpu_offload; "
-                                       "prefill and decode, several batch sizes; writes JSON and a PNG chart.")
+                                       "kernels read pinned memory), Hugging Face accelerate's cpu_offload, and "
+                                       "moe_swap's expert-granular policies (on_demand, auto, auto with the ids read "
+                                       "on the device); prefill and decode, several batch sizes; writes JSON and a "
+                                       "PNG chart.")
     model_args(bench)
     bench.add_argument("--modes", default=",".join(BENCH_MODES),
                        help=f"comma list from {', '.join(BENCH_MODES)} (resident: the unmodified model; "
-                            f"fused_resident: moe_swap kernels, every expert on the device)")
+                            f"fused_resident: moe_swap kernels, every expert on the device; on_demand, auto: "
+                            f"only routed experts, through the expert cache; auto_device: auto with the routed "
+                            f"ids read on the device)")
     bench.add_argument("--batch-sizes", default="1,8", help="comma list (default 1,8)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prefill tokens per sequence (default 128)")
     bench.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed (default 16)")

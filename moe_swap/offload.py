@@ -291,12 +291,17 @@ def _offload(
     layer_bytes = [layer.expert_numel() * expert_element_size for layer in layers]
     plan = plan_placement(layer_bytes, base_bytes, gpu_budget, slots, policy=policy)
 
+    cache_bytes = plan.cache_bytes
+    if ids_path == "device" and plan.budget is None and plan.streamed:
+        # no budget: the regions get what full's ring would (slots layers), and the host path its room for
+        # wide steps on top (see WeightStreamer's ids_path), so that the device path has regions at all
+        cache_bytes += (2 if policy == "auto" else 1) * max(layer_bytes[i] for i in plan.streamed)
     streamer = None
     if plan.streamed:
         if policy != "full":
             # the ring is unused on demand; its two event channels carry demand and predicted copies
             streamer = WeightStreamer(device=str(device), slots=2, prefetch_depth=1, mode=mode, policy=policy,
-                                      cache_bytes=plan.cache_bytes, eviction=eviction, ids_path=ids_path)
+                                      cache_bytes=cache_bytes, eviction=eviction, ids_path=ids_path)
         else:
             streamer = WeightStreamer(device=str(device), slots=plan.slots, prefetch_depth=prefetch_depth,
                                       mode=mode)
@@ -338,7 +343,7 @@ def _offload(
         streamer.prepare_device_cache()  # allocated now, not inside a compiled or captured forward
         if all(r is None for r in streamer.cache_state()["device_regions"]):
             plan.warnings.append(
-                f"ids_path='device' but the expert cache ({format_bytes(plan.cache_bytes)}) leaves no region "
+                f"ids_path='device' but the expert cache ({format_bytes(cache_bytes)}) leaves no region "
                 f"after the host path's room for wide steps ({'two layers' if policy == 'auto' else 'one layer'}): "
                 f"every step takes the host path; give a larger gpu_budget")
     if predict and policy != "full":
@@ -353,7 +358,7 @@ def _offload(
     device_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
     if streamer is not None and mode != "uva":
         # the ring or the expert cache (allocated at the first acquire)
-        device_bytes += plan.slots * plan.slot_bytes + plan.cache_bytes
+        device_bytes += plan.slots * plan.slot_bytes + cache_bytes
     report = OffloadReport(
         model_type=config.model_type,
         device=str(device),
@@ -371,7 +376,7 @@ def _offload(
         gpu_budget=plan.budget,
         warnings=list(plan.warnings),
         streamer=streamer,
-        cache_bytes=plan.cache_bytes,
+        cache_bytes=cache_bytes,
         eviction=eviction if policy != "full" else "",
         predict=bool(predict and policy != "full"),
         ids_path=ids_path if policy != "full" else "",
@@ -433,8 +438,9 @@ def offload(
             its likely experts during this layer's compute (recall in ``report.cache_table()``).
         ids_path: on_demand: ``"host"`` (default; the host reads each step's routed ids -- a sync on
             CUDA -- and issues copy-engine copies) or ``"device"`` (``expert_cache_pull`` reads them on
-            the device and pulls from mapped pinned memory: no sync; the cache is split into a region per
-            layer; see :class:`moe_swap.WeightStreamer`).
+            the device and pulls from mapped pinned memory: no sync; the cache is split into the host
+            path's room for wide steps and a region per layer, see :class:`moe_swap.WeightStreamer`; with
+            no ``gpu_budget`` the regions get what ``slots`` ring slots would and the room comes on top).
 
     The expert parameters are removed from the model (their memory is freed once nothing else holds
     them); the model is modified in place and keeps working with ``model.generate`` and

@@ -86,7 +86,7 @@ def test_bench_writes_json_and_png(tmp_path, tiny_config, capsys):
                      "--decode-tokens", "3", "--repeats", "1", "--out", str(out)]) == 0
     results = json.loads((out / "bench.json").read_text())
     modes = {r["mode"] for r in results["runs"]}
-    assert modes == {"resident", "fused_resident", "full", "sync"}
+    assert modes == {"resident", "fused_resident", "full", "sync", "on_demand", "auto", "auto_device"}
     assert set(results["skipped"]) == {"uva", "accelerate"}  # GPU only
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in results["runs"])
     assert (out / "bench.png").stat().st_size > 1000

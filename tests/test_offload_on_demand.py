@@ -32,13 +32,12 @@ def test_on_demand_equals_full(model_type, policy):
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_device_ids_path_equals_full(model_type):
-    # the device path at decode, the host path for the prompt. With no budget the cache gets what
-    # `slots` ring slots would: 4 layers, one of them the host path's room, the rest a region per
-    # layer big enough for one sequence's top-k
+    # the device path at decode, the host path for the prompt. With no budget the regions get what full's
+    # two ring slots would (two layers over three: enough for one sequence's top-k), the host path a layer
     model = tiny_model(model_type)
     ids = prompt(batch=1)
     full, _ = offloaded(model, policy="full")
-    device, report = offloaded(model, policy="on_demand", ids_path="device", slots=4)
+    device, report = offloaded(model, policy="on_demand", ids_path="device")
     torch.testing.assert_close(logits(device, ids), logits(full, ids), rtol=0, atol=0)
     assert torch.equal(greedy(device, ids), greedy(full, ids))
     stats = report.stats()
@@ -57,10 +56,14 @@ def test_device_ids_path_bad_combinations_raise():
 
 
 def test_device_ids_path_without_room_for_regions_warns():
-    # no budget: the cache gets two layers, all of them auto's host room for prefills
+    # a budget that leaves the cache at most two layers: all of it auto's host room for prefills
     model = tiny_model("qwen3_moe")
+    _, probe = offloaded(model, policy="auto")
+    layer = probe.expert_bytes // len(probe.moe_layers)
+    budget = probe.device_bytes - probe.cache_bytes + 2 * layer
     with pytest.warns(UserWarning, match="leaves no region after the host path's room for wide steps \\(two layers\\)"):
-        device, report = offloaded(model, policy="auto", ids_path="device")
+        device, report = offloaded(model, policy="auto", ids_path="device", gpu_budget=budget)
+    assert report.streamed_layers and report.cache_bytes <= 2 * layer
     ids = prompt(batch=1)
     full, _ = offloaded(model, policy="full")
     assert torch.equal(greedy(device, ids, 3), greedy(full, ids, 3))
