@@ -461,10 +461,11 @@ class WeightStreamer:
             entry = dict(zip(_STATS_COLUMNS, row))
             entry["device_steps"] = 0
             if device_row is not None:  # the device path's steps (their hits/misses live on the device)
-                steps, hits, misses, expert_bytes = device_row
+                steps, hits, misses, evictions, expert_bytes = device_row
                 entry["device_steps"] = steps
                 entry["expert_hits"] += hits
                 entry["expert_misses"] += misses
+                entry["evictions"] += evictions
                 entry["routed_distinct"] += hits + misses
                 entry["bytes_copied"] += misses * expert_bytes
             entry["wait_ms"] = entry.pop("wait_ns") / 1e6
@@ -535,10 +536,12 @@ class _DeviceRegion:
         return torch.ops.moe_swap.fused_moe(hidden_states, self.pool_w13, self.pool_w2, topk_weights, topk_ids,
                                             self.expert_map, activation)
 
-    def counts(self) -> tuple[int, int, int, int]:
-        """(steps, hits, misses, bytes per expert), read from the device."""
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """(steps, hits, misses, evictions, bytes per expert), read from the device. A miss fills an empty
+        slot or evicts, and a slot never empties again: evictions = misses - slots ever filled."""
         hits, misses = self.counters.tolist()
-        return int(self.clock.item()), hits, misses, self.expert_bytes
+        filled = int((self.slot_expert >= 0).sum())
+        return int(self.clock.item()), hits, misses, misses - filled, self.expert_bytes
 
 
 def _check_copy_cost(copy_cost, policy: str) -> tuple[Optional[float], Optional[float]]:

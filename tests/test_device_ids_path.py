@@ -77,7 +77,7 @@ def test_a_region_keeps_recent_experts_across_steps():
             s.moe(0, x, weights, torch.tensor(ids, dtype=torch.int32))
         stats = s.stats()["layers"][0]
         # misses: 0,1 / 2,3 / - / 4,5 (evicting 2,3, the least recently used) / -
-        assert (stats["expert_hits"], stats["expert_misses"]) == (4, 6)
+        assert (stats["expert_hits"], stats["expert_misses"], stats["evictions"]) == (4, 6, 2)
         assert sorted(s.cache_state()["device_regions"][0][1]) == [0, 1, 4, 5]
 
 
