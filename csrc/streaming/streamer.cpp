@@ -680,8 +680,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   const int64_t now = ++clock_;
   const int64_t ticks_per_pass = store_.num_layers();
 
-  // The expert map is built in the tensor returned (no staging copy): expert -> pool slot, -1 not routed.
-  at::Tensor map = at::empty({l.num_experts}, at::kInt);
+  // The expert map (expert -> pool slot, -1 not routed) is built in place: on the CPU in the tensor
+  // returned; on CUDA in pinned memory, then copied without the host waiting (torch's pinned allocator
+  // keeps the buffer until that copy is done).
+  const bool on_cpu = backend_->device().is_cpu();
+  at::Tensor map = at::empty({l.num_experts}, at::TensorOptions().dtype(at::kInt).pinned_memory(!on_cpu));
   int32_t* expert_map = map.data_ptr<int32_t>();
   std::fill(expert_map, expert_map + l.num_experts, -1);
   std::vector<int64_t>& misses = step_misses_;
@@ -780,7 +783,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   held_slot_[layer] = kHeldExperts;
   cursor_ = layer;
 
-  if (!backend_->device().is_cpu()) map = map.to(backend_->device(), /*non_blocking=*/false);
+  if (!on_cpu) map = map.to(backend_->device(), /*non_blocking=*/true);
   // Fresh aliases: a caller changing a returned tensor's metadata (in place) cannot reach the next step's.
   return {pool_views_[0].alias(), pool_views_[1].alias(), map};
 }
