@@ -228,6 +228,7 @@ def load(
     eviction: str = "flru",
     predict: bool = False,
     ids_path: str = "host",
+    copy_cost: Optional[tuple[float, float]] = None,
 ):
     """Build a model from a safetensors folder with its experts streamed (see :func:`moe_swap.offload`).
 
@@ -243,7 +244,7 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_policy_and_mode(policy, mode, eviction, ids_path, predict)
+    _check_policy_and_mode(policy, mode, eviction, ids_path, predict, copy_cost)
     dev = _check_device(device)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"path={path!r} has no config.json (expected a Hugging Face checkpoint folder)")
@@ -307,7 +308,7 @@ def load(
             model, family, layers, lambda layer: _read_layer_experts(layer, family, index, dtype),
             element_size, dev, gpu_budget, policy, mode, slots, prefetch_depth, move_rest=True,
             add_streamed=lambda layer, streamer: _stream_layer_experts(layer, family, index, dtype, streamer),
-            eviction=eviction, predict=predict, ids_path=ids_path)
+            eviction=eviction, predict=predict, ids_path=ids_path, copy_cost=copy_cost)
     report.load = {
         "seconds": time.perf_counter() - started,
         "peak_host_bytes": peak_host_memory(),

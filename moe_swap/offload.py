@@ -26,7 +26,7 @@ from . import models
 from .models import Family, MoELayer
 from .ops import fused_moe, topk_route
 from .planner import format_bytes, plan_placement
-from .streamer import EVICTIONS, IDS_PATHS, POLICIES, WeightStreamer
+from .streamer import EVICTIONS, IDS_PATHS, POLICIES, WeightStreamer, _check_copy_cost
 
 __all__ = ["offload", "OffloadReport", "POLICIES", "MODES"]
 
@@ -235,7 +235,7 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
 
 
 def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru", ids_path: str = "host",
-                           predict: bool = False) -> None:
+                           predict: bool = False, copy_cost=None) -> None:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if mode not in MODES:
@@ -252,6 +252,7 @@ def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru", ids_p
         raise ValueError("ids_path='device' needs policy 'on_demand' or 'auto' (policy 'full' reads no ids)")
     if ids_path == "device" and predict:
         raise ValueError("predict=True needs ids_path='host': the device path's regions take no predictions")
+    _check_copy_cost(copy_cost, policy)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -278,6 +279,7 @@ def _offload(
     eviction: str = "flru",
     predict: bool = False,
     ids_path: str = "host",
+    copy_cost: Optional[tuple[float, float]] = None,
 ) -> OffloadReport:
     """Shared by offload() (experts read from the model) and load() (experts read from a checkpoint).
 
@@ -301,7 +303,8 @@ def _offload(
         if policy != "full":
             # the ring is unused on demand; its two event channels carry demand and predicted copies
             streamer = WeightStreamer(device=str(device), slots=2, prefetch_depth=1, mode=mode, policy=policy,
-                                      cache_bytes=cache_bytes, eviction=eviction, ids_path=ids_path)
+                                      cache_bytes=cache_bytes, eviction=eviction, ids_path=ids_path,
+                                      copy_cost=copy_cost)
         else:
             streamer = WeightStreamer(device=str(device), slots=plan.slots, prefetch_depth=prefetch_depth,
                                       mode=mode)
@@ -413,6 +416,7 @@ def offload(
     eviction: str = "flru",
     predict: bool = False,
     ids_path: str = "host",
+    copy_cost: Optional[tuple[float, float]] = None,
 ) -> OffloadReport:
     """Stream a Hugging Face MoE model's experts from host memory; returns a report.
 
@@ -441,6 +445,8 @@ def offload(
             the device and pulls from mapped pinned memory: no sync; the cache is split into the host
             path's room for wide steps and a region per layer, see :class:`moe_swap.WeightStreamer`; with
             no ``gpu_budget`` the regions get what ``slots`` ring slots would and the room comes on top).
+        copy_cost: policy auto: its cost model ``(overhead_us, gb_per_s)`` instead of measuring it when
+            the cache is first allocated (see :class:`moe_swap.WeightStreamer`).
 
     The expert parameters are removed from the model (their memory is freed once nothing else holds
     them); the model is modified in place and keeps working with ``model.generate`` and
@@ -450,7 +456,7 @@ def offload(
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     if getattr(model, "moe_swap_report", None) is not None:
         raise ValueError("this model has already been offloaded by moe_swap; offload a fresh model")
-    _check_policy_and_mode(policy, mode, eviction, ids_path, predict)
+    _check_policy_and_mode(policy, mode, eviction, ids_path, predict, copy_cost)
     dev = _check_device(device)
     family = models.family_for_config(model.config)
     layers = models.find_moe_layers(model, family)
@@ -461,4 +467,4 @@ def offload(
     with torch.no_grad():
         return _offload(model, family, layers, lambda layer: models.take_expert_weights(layer, family),
                         element_size, dev, gpu_budget, policy, mode, slots, prefetch_depth, move_rest=True,
-                        eviction=eviction, predict=predict, ids_path=ids_path)
+                        eviction=eviction, predict=predict, ids_path=ids_path, copy_cost=copy_cost)

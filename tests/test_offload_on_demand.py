@@ -55,6 +55,21 @@ def test_device_ids_path_bad_combinations_raise():
         offloaded(model, policy="on_demand", ids_path="device", predict=True)
 
 
+def test_auto_with_a_given_cost_model():
+    model = tiny_model("mixtral")
+    ids = prompt(batch=1)
+    full, _ = offloaded(model, policy="full")
+    # a slow link with a large per-copy cost: every step with a miss copies the whole layer
+    auto, report = offloaded(model, policy="auto", copy_cost=(1e4, 0.1))
+    assert torch.equal(greedy(auto, ids, 3), greedy(full, ids, 3))
+    assert report.streamer.cache_state()["copy_overhead_us"] == 1e4
+    assert report.stats()["layer_copies"] > 0
+    with pytest.raises(ValueError, match="copy_cost is the cost model of policy 'auto'"):
+        offloaded(model, policy="on_demand", copy_cost=(1.0, 10.0))
+    with pytest.raises(ValueError, match="gb_per_s .* must be finite and > 0"):
+        offloaded(model, policy="auto", copy_cost=(1.0, 0))
+
+
 def test_device_ids_path_without_room_for_regions_warns():
     # a budget that leaves the cache at most two layers: all of it auto's host room for prefills
     model = tiny_model("qwen3_moe")
