@@ -244,7 +244,7 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_policy_and_mode(policy, mode, eviction, ids_path, predict, copy_cost)
+    _check_policy_and_mode(policy, mode, eviction, ids_path, copy_cost)
     dev = _check_device(device)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"path={path!r} has no config.json (expected a Hugging Face checkpoint folder)")

@@ -79,11 +79,11 @@ class OffloadReport:
         ]
         if self.policy in ("on_demand", "auto"):
             if self.ids_path == "device":
-                rows.append(("expert cache", f"{format_bytes(self.cache_bytes)}, routed ids read on the device "
-                                             f"(a region per layer, LRU; wide steps on the host path)"))
+                how = "routed ids read on the device (a region per layer, LRU; wide steps on the host path)"
             else:
-                rows.append(("expert cache", f"{format_bytes(self.cache_bytes)}, eviction {self.eviction}, "
-                                             f"prediction {'on' if self.predict else 'off'}"))
+                how = f"eviction {self.eviction}"
+            rows.append(("expert cache", f"{format_bytes(self.cache_bytes)}, {how}, prediction "
+                                         f"{'on' if self.predict else 'off'}"))
         rows += [
             ("device weights", format_bytes(self.device_bytes)
              + (f" (budget {format_bytes(self.gpu_budget)})" if self.gpu_budget is not None else "")),
@@ -235,7 +235,7 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
 
 
 def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru", ids_path: str = "host",
-                           predict: bool = False, copy_cost=None) -> None:
+                           copy_cost=None) -> None:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if mode not in MODES:
@@ -250,8 +250,6 @@ def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru", ids_p
         raise ValueError(f"ids_path must be one of {', '.join(IDS_PATHS)}, got {ids_path!r}")
     if ids_path == "device" and policy == "full":
         raise ValueError("ids_path='device' needs policy 'on_demand' or 'auto' (policy 'full' reads no ids)")
-    if ids_path == "device" and predict:
-        raise ValueError("predict=True needs ids_path='host': the device path's regions take no predictions")
     _check_copy_cost(copy_cost, policy)
 
 
@@ -456,7 +454,7 @@ def offload(
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     if getattr(model, "moe_swap_report", None) is not None:
         raise ValueError("this model has already been offloaded by moe_swap; offload a fresh model")
-    _check_policy_and_mode(policy, mode, eviction, ids_path, predict, copy_cost)
+    _check_policy_and_mode(policy, mode, eviction, ids_path, copy_cost)
     dev = _check_device(device)
     family = models.family_for_config(model.config)
     layers = models.find_moe_layers(model, family)

@@ -137,8 +137,8 @@ class WeightStreamer:
             the prefill double buffering; at most ``cache_bytes``), and the rest is divided evenly into
             a region per layer (LRU within the layer; ``eviction`` applies to the host path only). A
             step with more ids than its layer's region has slots (a prefill) takes the host path --
-            decided from shapes, so no sync either way. :meth:`predict` is a no-op for layers with a
-            region.
+            decided from shapes, so no sync either way. :meth:`predict` pulls into a layer's region
+            (on CUDA on a side stream, under the previous layer's compute).
 
     Use: ``i = s.add_layer(w13, w2)`` for each layer, then per forward and layer
     ``w13, w2 = s.acquire(i)`` ... compute ... ``s.release(i)``. The views are valid until release.
@@ -381,9 +381,16 @@ class WeightStreamer:
     def predict(self, layer: int, expert_ids: Tensor) -> None:
         """Start copying the experts in ``expert_ids`` (a guess at ``layer``'s next routing) that are
         not cached; a hint. Its recall shows in ``stats()`` (``predicted_used / routed_distinct``).
-        Ignored for a layer with a device region (``ids_path="device"``)."""
-        if self._regions is not None and 0 <= layer < len(self._regions) and self._regions[layer] is not None:
-            return
+        For a layer with a device region (``ids_path="device"``) ``expert_cache_pull`` pulls them into
+        the region, on CUDA on a side stream (no sync either way); a guess wider than the region is
+        dropped."""
+        if self.ids_path == "device":
+            if self._regions is None:
+                self.prepare_device_cache()
+            region = self._regions[layer] if 0 <= layer < len(self._regions) else None
+            if region is not None:
+                region.predict(expert_ids)
+                return
         torch.ops.moe_swap.streamer_predict(self.handle, layer, expert_ids)
 
     def prepare_device_cache(self) -> None:
@@ -405,10 +412,11 @@ class WeightStreamer:
         host_room = min(self.cache_bytes, (2 if self.policy == "auto" else 1) * largest_layer)
         torch.ops.moe_swap.streamer_set_cache_bytes(self.handle, host_room)
         share = (self.cache_bytes - host_room) // len(meta)
+        side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # for predictions
         regions: list[Optional[_DeviceRegion]] = []
         for layer, (w13_shape, w2_shape, dtype, _) in enumerate(meta):
             slots = min(w13_shape[0], share // expert_bytes[layer])
-            regions.append(_DeviceRegion(self.handle, layer, slots, self.device) if slots > 0 else None)
+            regions.append(_DeviceRegion(self.handle, layer, slots, self.device, side_stream) if slots > 0 else None)
         self._regions = regions
 
     def cache_state(self) -> dict:
@@ -460,14 +468,11 @@ class WeightStreamer:
         for row, device_row in zip(table.tolist(), device_rows):
             entry = dict(zip(_STATS_COLUMNS, row))
             entry["device_steps"] = 0
-            if device_row is not None:  # the device path's steps (their hits/misses live on the device)
-                steps, hits, misses, evictions, expert_bytes = device_row
-                entry["device_steps"] = steps
-                entry["expert_hits"] += hits
-                entry["expert_misses"] += misses
-                entry["evictions"] += evictions
-                entry["routed_distinct"] += hits + misses
-                entry["bytes_copied"] += misses * expert_bytes
+            if device_row is not None:  # the device path's steps (their counts live on the device)
+                entry["device_steps"] = device_row.pop("device_steps")
+                for key, value in device_row.items():
+                    entry[key] += value
+                entry["routed_distinct"] += device_row["expert_hits"] + device_row["expert_misses"]
             entry["wait_ms"] = entry.pop("wait_ns") / 1e6
             entry["ids_to_host_ms"] = entry.pop("ids_to_host_ns") / 1e6
             lookups = entry["expert_hits"] + entry["expert_misses"]
@@ -509,11 +514,16 @@ class WeightStreamer:
 class _DeviceRegion:
     """One layer's region of the device-side expert cache (``ids_path="device"``): ``slots`` expert
     slots, their state as tensors on the device (which expert each holds, last use, the layer's clock,
-    the hit/miss counters) and zero-copy device views of the layer's host-store weights to pull from."""
+    the hit/miss counters) and zero-copy device views of the layer's host-store weights to pull from.
 
-    def __init__(self, handle: int, layer: int, slots: int, device: torch.device) -> None:
+    Predictions pull into the region too (the predicted experts become its most recent); on CUDA on a
+    side stream that forks from the current one, so the pull runs under the previous layer's compute,
+    and the layer's step joins it first. Every count stays on the device (no sync, capturable)."""
+
+    def __init__(self, handle: int, layer: int, slots: int, device: torch.device,
+                 side_stream: Optional["torch.cuda.Stream"]) -> None:
         self.host_w13, self.host_w2 = torch.ops.moe_swap.streamer_host_device_views(handle, layer)
-        self.num_experts = self.host_w13.shape[0]
+        self.num_experts = E = self.host_w13.shape[0]
         self.slots = slots
         self.expert_bytes = (self.host_w13[0].numel() + self.host_w2[0].numel()) * self.host_w13.element_size()
         dtype = self.host_w13.dtype
@@ -521,27 +531,65 @@ class _DeviceRegion:
         self.pool_w2 = torch.empty((slots, *self.host_w2.shape[1:]), dtype=dtype, device=device)
         self.slot_expert = torch.full((slots,), -1, dtype=torch.int32, device=device)
         self.slot_stamp = torch.zeros(slots, dtype=torch.int64, device=device)
-        self.clock = torch.zeros(1, dtype=torch.int64, device=device)  # one tick per step: the step count
-        self.expert_map = torch.empty(self.num_experts, dtype=torch.int32, device=device)
-        self.counters = torch.zeros(2, dtype=torch.int64, device=device)  # hits, misses
+        self.clock = torch.zeros(1, dtype=torch.int64, device=device)  # one tick per step and per prediction
+        self.expert_map = torch.empty(E, dtype=torch.int32, device=device)
+        self.counters = torch.zeros(2, dtype=torch.int64, device=device)  # the steps' hits, misses
+        # predictions: [predictions, experts already there, experts copied ahead, predicted and then routed]
+        self.predict_counts = torch.zeros(4, dtype=torch.int64, device=device)
+        self.predict_counters = self.predict_counts[1:3]  # the pull's (hits, misses) view
+        self.predict_map = torch.empty(E, dtype=torch.int32, device=device)
+        self.predicted = torch.zeros(E, dtype=torch.bool, device=device)  # this step's predicted experts
+        self.side_stream = side_stream
+        self._joined = True  # the step has waited for the last prediction's side-stream pull
+        self._predicted = False  # a prediction came since the last step (its recall is to be counted)
 
     def fits(self, topk_ids: Tensor) -> bool:
         # a step routes at most min(E, ids) distinct experts: from the shape alone, no sync
         return self.slots >= min(self.num_experts, topk_ids.numel())
 
-    def moe(self, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str) -> Tensor:
+    def _pull(self, topk_ids: Tensor, expert_map: Tensor, counters: Tensor) -> None:
         torch.ops.moe_swap.expert_cache_pull(topk_ids, self.host_w13, self.host_w2, self.pool_w13, self.pool_w2, 0,
-                                             self.slot_expert, self.slot_stamp, self.clock, self.expert_map,
-                                             self.counters)
+                                             self.slot_expert, self.slot_stamp, self.clock, expert_map, counters)
+
+    def predict(self, expert_ids: Tensor) -> None:
+        if not self.fits(expert_ids):
+            return  # a hint: a guess wider than the region is not pulled
+        def pull() -> None:
+            self._pull(expert_ids, self.predict_map, self.predict_counters)
+            self.predicted.index_fill_(0, expert_ids.flatten().long(), True)
+            self.predict_counts[0] += 1
+        if self.side_stream is not None and not torch.compiler.is_compiling():
+            self.side_stream.wait_stream(torch.cuda.current_stream(self.side_stream.device))
+            expert_ids.record_stream(self.side_stream)  # read there: not to be reused before
+            with torch.cuda.stream(self.side_stream):
+                pull()
+            self._joined = False
+        else:
+            pull()
+        self._predicted = True
+
+    def moe(self, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str) -> Tensor:
+        if not self._joined:
+            torch.cuda.current_stream(self.side_stream.device).wait_stream(self.side_stream)
+            self._joined = True
+        if self._predicted:  # recall: the routed experts that were predicted, counted on the device
+            routed = torch.zeros_like(self.predicted).index_fill_(0, topk_ids.flatten().long(), True)
+            self.predict_counts[3] += (routed & self.predicted).sum()
+            self.predicted.zero_()
+            self._predicted = False
+        self._pull(topk_ids, self.expert_map, self.counters)
         return torch.ops.moe_swap.fused_moe(hidden_states, self.pool_w13, self.pool_w2, topk_weights, topk_ids,
                                             self.expert_map, activation)
 
-    def counts(self) -> tuple[int, int, int, int, int]:
-        """(steps, hits, misses, evictions, bytes per expert), read from the device. A miss fills an empty
-        slot or evicts, and a slot never empties again: evictions = misses - slots ever filled."""
+    def counts(self) -> dict:
+        """The region's statistics, read from the device. A miss fills an empty slot or evicts, and a slot
+        never empties again: evictions = misses (the steps' and the predictions') - slots ever filled."""
         hits, misses = self.counters.tolist()
+        predictions, _, copied_ahead, predicted_used = self.predict_counts.tolist()
         filled = int((self.slot_expert >= 0).sum())
-        return int(self.clock.item()), hits, misses, misses - filled, self.expert_bytes
+        return {"device_steps": int(self.clock.item()) - predictions, "expert_hits": hits, "expert_misses": misses,
+                "evictions": misses + copied_ahead - filled, "predicted": copied_ahead,
+                "predicted_used": predicted_used, "bytes_copied": (misses + copied_ahead) * self.expert_bytes}
 
 
 def _check_copy_cost(copy_cost, policy: str) -> tuple[Optional[float], Optional[float]]:

@@ -120,12 +120,44 @@ def test_zero_budget_has_no_regions_and_still_computes():
         assert s.stats()["device_steps"] == 0
 
 
-def test_prediction_is_ignored_for_layers_with_a_region():
+def test_a_prediction_pulls_into_the_region_and_its_recall_is_counted():
     layers = random_layers(2, 8)
-    with device_streamer(layers, 2) as s:
+    with device_streamer(layers, 4) as s:
         s.prepare_device_cache()
-        s.predict(1, torch.tensor([[3, 4]]))
-        assert s.stats()["predicted"] == 0
+        x = torch.randn(1, 16)
+        weights = torch.full((1, 2), 0.5)
+        s.predict(1, torch.tensor([[3, 4]]))  # copied ahead into layer 1's region
+        assert sorted(e for e in s.cache_state()["device_regions"][1][1] if e >= 0) == [3, 4]
+        ids = torch.tensor([[4, 6]], dtype=torch.int32)  # one of the two guesses was right
+        torch.testing.assert_close(s.moe(1, x, weights, ids), fused_moe(x, *layers[1], weights, ids))
+        layer = s.stats()["layers"][1]
+        assert (layer["predicted"], layer["predicted_used"], layer["routed_distinct"]) == (2, 1, 2)
+        assert (layer["expert_hits"], layer["expert_misses"], layer["device_steps"]) == (1, 1, 1)
+        assert layer["prediction_recall"] == 0.5 and layer["bytes_copied"] == 3 * s._regions[1].expert_bytes
+        s.predict(1, torch.tensor([[0, 1, 2], [5, 6, 7]]))  # wider than the 4-slot region: dropped
+        assert s.stats()["layers"][1]["predicted"] == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_predictions_never_change_the_output(device):
+    # random guesses, right or wrong, before every step: outputs equal fused_moe on the whole layer
+    experts, top_k = 16, 2
+    layers = random_layers(3, experts)
+    device_layers = [(a.to(device), b.to(device)) for a, b in layers]
+    with device_streamer(layers, 4, device=device) as s:
+        s.prepare_device_cache()
+        for _ in range(12):
+            x = torch.randn(2, 16, device=device)
+            for layer in range(3):
+                weights, ids = route(2, experts, top_k, device)
+                out = s.moe(layer, x, weights, ids)
+                torch.testing.assert_close(out, fused_moe(x, *device_layers[layer], weights, ids))
+                if layer + 1 < 3:
+                    s.predict(layer + 1, torch.randint(0, experts, (1, 3), device=device))
+                x = out
+        stats = s.stats()
+        assert stats["predicted"] > 0 and 0 <= stats["prediction_recall"] <= 1
+        assert stats["device_steps"] == 36
 
 
 def test_device_path_traces_under_torch_compile():
@@ -192,7 +224,8 @@ def test_device_path_step_does_not_sync_cuda(debug_off):
 
 
 @requires_cuda
-def test_device_path_steps_replay_in_a_cuda_graph_cuda(debug_off):
+@pytest.mark.parametrize("predict", [False, True])
+def test_device_path_steps_replay_in_a_cuda_graph_cuda(debug_off, predict):
     experts, tokens, top_k = 16, 3, 2
     layers = random_layers(2, experts)
     cuda_layers = [(a.cuda(), b.cuda()) for a, b in layers]
@@ -200,14 +233,21 @@ def test_device_path_steps_replay_in_a_cuda_graph_cuda(debug_off):
         s.prepare_device_cache()
         x = torch.randn(tokens, 16, device="cuda")
         weights, ids = route(tokens, experts, top_k, "cuda")
+
+        def forward():
+            hidden = s.moe(0, x, weights, ids)
+            if predict:  # layer 1's guess (layer 0's ids, shifted) pulled on the side stream under nothing
+                s.predict(1, (ids + 1) % experts)
+            return s.moe(1, hidden, weights, ids)
+
         side = torch.cuda.Stream()  # warm up on a side stream before capture (torch.cuda.graphs' rule)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            s.moe(1, s.moe(0, x, weights, ids), weights, ids)
+            forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = s.moe(1, s.moe(0, x, weights, ids), weights, ids)
+        with torch.cuda.graph(graph):  # the prediction's side stream forks from the capture and joins it
+            out = forward()
         for _ in range(6):  # new routing each replay: the pull and the map follow the data
             new_weights, new_ids = route(tokens, experts, top_k, "cuda")
             weights.copy_(new_weights)
@@ -216,4 +256,6 @@ def test_device_path_steps_replay_in_a_cuda_graph_cuda(debug_off):
             graph.replay()
             expected = fused_moe(fused_moe(x, *cuda_layers[0], weights, ids), *cuda_layers[1], weights, ids)
             torch.testing.assert_close(out, expected)
-        assert s.stats()["device_steps"] == 2 * (1 + 6)  # warm-up and replays (capture runs nothing)
+        stats = s.stats()
+        assert stats["device_steps"] == 2 * (1 + 6)  # warm-up and replays (capture runs nothing)
+        assert (stats["predicted"] > 0) == predict

@@ -31,17 +31,20 @@ def test_on_demand_equals_full(model_type, policy):
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_device_ids_path_equals_full(model_type):
+@pytest.mark.parametrize("predict", [False, True])
+def test_device_ids_path_equals_full(model_type, predict):
     # the device path at decode, the host path for the prompt. With no budget the regions get what full's
     # two ring slots would (two layers over three: enough for one sequence's top-k), the host path a layer
     model = tiny_model(model_type)
     ids = prompt(batch=1)
     full, _ = offloaded(model, policy="full")
-    device, report = offloaded(model, policy="on_demand", ids_path="device")
+    device, report = offloaded(model, policy="on_demand", ids_path="device", predict=predict)
     torch.testing.assert_close(logits(device, ids), logits(full, ids), rtol=0, atol=0)
     assert torch.equal(greedy(device, ids), greedy(full, ids))
     stats = report.stats()
     assert stats["device_steps"] > 0 and stats["expert_misses"] > 0 and stats["ids_path"] == "device"
+    # predictions for every streamed layer that follows a streamed layer (the next layer's router)
+    assert (stats["predicted"] > 0) == (predict and len(report.streamed_layers) > 1)
     assert "device steps" in report.cache_table() and "routed ids read on the device" in str(report)
 
 
@@ -51,8 +54,6 @@ def test_device_ids_path_bad_combinations_raise():
         offloaded(model, policy="on_demand", ids_path="cuda")
     with pytest.raises(ValueError, match="ids_path='device' needs policy 'on_demand' or 'auto'"):
         offloaded(model, ids_path="device")
-    with pytest.raises(ValueError, match="predict=True needs ids_path='host'"):
-        offloaded(model, policy="on_demand", ids_path="device", predict=True)
 
 
 def test_auto_with_a_given_cost_model():
@@ -136,14 +137,15 @@ def test_on_demand_needs_less_than_full_at_the_minimum():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
-@pytest.mark.parametrize("policy, ids_path", [("full", "host"), ("on_demand", "host"), ("auto", "host"),
-                                              ("on_demand", "device")])
-def test_offload_on_cuda_gives_the_unmodified_models_tokens_cuda(model_type, policy, ids_path):
+@pytest.mark.parametrize("policy, ids_path, predict", [("full", "host", False), ("on_demand", "host", False),
+                                                       ("on_demand", "host", True), ("auto", "host", False),
+                                                       ("on_demand", "device", False), ("on_demand", "device", True)])
+def test_offload_on_cuda_gives_the_unmodified_models_tokens_cuda(model_type, policy, ids_path, predict):
     # the CUDA backend end to end: pinned host store, copy stream (or the pull kernel), fused_moe on CUDA
     model = tiny_model(model_type)
     reference = copy.deepcopy(model).cuda()
     ids = prompt(batch=1).cuda()
-    report = moe_swap.offload(model, device="cuda", policy=policy, ids_path=ids_path)
+    report = moe_swap.offload(model, device="cuda", policy=policy, ids_path=ids_path, predict=predict)
     torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-3, atol=1e-3)
     assert torch.equal(greedy(model, ids), greedy(reference, ids))
     stats = report.stats()
