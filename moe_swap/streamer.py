@@ -584,6 +584,8 @@ class _DeviceRegion:
     def counts(self) -> dict:
         """The region's statistics, read from the device. A miss fills an empty slot or evicts, and a slot
         never empties again: evictions = misses (the steps' and the predictions') - slots ever filled."""
+        if self.side_stream is not None:  # a prediction's pull may still be running there
+            torch.cuda.current_stream(self.side_stream.device).wait_stream(self.side_stream)
         hits, misses = self.counters.tolist()
         predictions, _, copied_ahead, predicted_used = self.predict_counts.tolist()
         filled = int((self.slot_expert >= 0).sum())
