@@ -369,12 +369,9 @@ class WeightStreamer:
         ``expert_map``, release. One opaque op: traces under ``torch.compile(fullgraph=True)``.
         With ``ids_path="device"``: ``expert_cache_pull`` then ``fused_moe`` on the layer's region
         when the step fits it (two ops, no host sync), else the host path."""
-        if self.ids_path == "device":
-            if self._regions is None:
-                self.prepare_device_cache()
-            region = self._regions[layer] if 0 <= layer < len(self._regions) else None
-            if region is not None and region.fits(topk_ids):
-                return region.moe(hidden_states, topk_weights, topk_ids, activation)
+        region = self._region(layer)
+        if region is not None and region.fits(topk_ids):
+            return region.moe(hidden_states, topk_weights, topk_ids, activation)
         return torch.ops.moe_swap.streamer_moe(self.handle, layer, hidden_states, topk_weights, topk_ids,
                                                activation)
 
@@ -384,14 +381,20 @@ class WeightStreamer:
         For a layer with a device region (``ids_path="device"``) ``expert_cache_pull`` pulls them into
         the region, on CUDA on a side stream (no sync either way); a guess wider than the region is
         dropped."""
-        if self.ids_path == "device":
-            if self._regions is None:
-                self.prepare_device_cache()
-            region = self._regions[layer] if 0 <= layer < len(self._regions) else None
-            if region is not None:
-                region.predict(expert_ids)
-                return
+        region = self._region(layer)
+        if region is not None:
+            region.predict(expert_ids)
+            return
         torch.ops.moe_swap.streamer_predict(self.handle, layer, expert_ids)
+
+    def _region(self, layer: int) -> Optional["_DeviceRegion"]:
+        """The layer's device region (``ids_path="device"``; None: the host path serves the layer; an
+        invalid layer is left to the C++ op's check)."""
+        if self.ids_path != "device":
+            return None
+        if self._regions is None:
+            self.prepare_device_cache()
+        return self._regions[layer] if 0 <= layer < len(self._regions) else None
 
     def prepare_device_cache(self) -> None:
         """``ids_path="device"``: give the host path its room for wide steps (see ``ids_path``), split
