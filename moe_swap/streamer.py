@@ -547,8 +547,10 @@ class _DeviceRegion:
         self._predicted = False  # a prediction came since the last step (its recall is to be counted)
 
     def fits(self, topk_ids: Tensor) -> bool:
-        # a step routes at most min(E, ids) distinct experts: from the shape alone, no sync
-        return self.slots >= min(self.num_experts, topk_ids.numel())
+        # From the shape alone, no sync: a step has at most as many distinct experts as ids (the pull
+        # needs min(E, ids) slots). A region of all E experts still sends a wider step (a prefill) to
+        # the host path, whose copy engine and double buffering move whole layers faster than SM reads.
+        return topk_ids.numel() <= self.slots
 
     def _pull(self, topk_ids: Tensor, expert_map: Tensor, counters: Tensor) -> None:
         torch.ops.moe_swap.expert_cache_pull(topk_ids, self.host_w13, self.host_w2, self.pool_w13, self.pool_w2, 0,
