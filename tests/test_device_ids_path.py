@@ -34,8 +34,8 @@ def device_streamer(layers, cache_experts_per_layer, device="cpu", policy="on_de
 
 
 def route(tokens, experts, top_k, device="cpu"):
-    weights, ids = topk_route(torch.randn(tokens, experts, device=device), top_k, renormalize=True)
-    return weights, ids
+    """(weights, ids) of random routing."""
+    return topk_route(torch.randn(tokens, experts, device=device), top_k, renormalize=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
