@@ -765,14 +765,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
       std::vector<int64_t>& ahead_slots = ahead_slots_;
       ahead_slots.clear();
       place_whole_layer(next, next_base, /*predicted=*/true, ahead, ahead_slots);
-      layer_stats_[next].predicted += static_cast<int64_t>(ahead_slots.size());
-      try {
-        issue_expert_plan(ahead, kPredictChannel);
-      } catch (...) {
-        for (int64_t slot : ahead_slots) cache_.drop(slot);
-        throw;
-      }
-      predicted_pending_.insert(predicted_pending_.end(), ahead_slots.begin(), ahead_slots.end());
+      issue_prediction(ahead, ahead_slots);
     }
     backend_->wait_ready(kDemandChannel, layer);
   } catch (...) {
@@ -827,14 +820,20 @@ void Streamer::predict(int64_t layer, const at::Tensor& expert_ids) {
     assigned.push_back(s);
   }
   if (plan.chunks.empty()) return;
-  layer_stats_[layer].predicted += static_cast<int64_t>(assigned.size());
+  issue_prediction(plan, assigned);
+}
+
+// Copies ahead of a layer's step (`slots` were assigned as predicted): issued on the predict channel,
+// and waited for at that layer's step; slots whose copy could not be issued are emptied.
+void Streamer::issue_prediction(CopyPlan& plan, const std::vector<int64_t>& slots) {
+  layer_stats_[plan.layer].predicted += static_cast<int64_t>(slots.size());
   try {
     issue_expert_plan(plan, kPredictChannel);
   } catch (...) {
-    for (int64_t s : assigned) cache_.drop(s);
+    for (int64_t s : slots) cache_.drop(s);
     throw;
   }
-  predicted_pending_.insert(predicted_pending_.end(), assigned.begin(), assigned.end());
+  predicted_pending_.insert(predicted_pending_.end(), slots.begin(), slots.end());
 }
 
 std::tuple<std::vector<int64_t>, at::Tensor> Streamer::cache_state() {

@@ -127,6 +127,7 @@ class Streamer {
   void ensure_pool(int64_t slots_needed);
   void add_expert_chunks(CopyPlan& plan, int64_t layer, int64_t expert, int64_t slot) const;
   void issue_expert_plan(CopyPlan& plan, int channel);
+  void issue_prediction(CopyPlan& plan, const std::vector<int64_t>& slots);
   void calibrate_copy_cost();
   bool whole_layer_is_cheaper(int64_t layer, int64_t misses, int64_t base) const;
   bool whole_layer_costs_no_more(int64_t layer, int64_t misses) const;
