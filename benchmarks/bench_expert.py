@@ -311,6 +311,61 @@ def print_prefill(shape: str, result: dict) -> None:
              if auto else ""))
 
 
+TARGET_SPEEDUP = {"mixtral": 3.0, "qwen3": 8.0}  # the issue's tokens/s over full, 25% cache, skewed routing
+
+
+def targets(results: dict) -> list[str]:
+    """The issue's targets against this run, one line each (also stored in the JSON): cold-cache bytes
+    against the distinct routed experts' bytes, tokens/s over full with the 25% cache on the skewed
+    trace (host and device ids paths), auto against full on prefill and against on_demand on decode,
+    the ids->host cost, device against host ids path where the device path took every step, and the
+    prediction recall per recorded trace."""
+    lines = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    for shape, entry in results["shapes"].items():
+        runs = entry["runs"]
+        by = {(r["trace"], r["batch"], r["policy"]): r for r in runs}
+        cold = [r["bytes_per_token"] / r["distinct_bytes_per_token"] for r in runs if r["policy"] == "on_demand_cold"]
+        if cold:
+            lines.append(f"{shape}: cold cache bytes/token <= 1.05x distinct: max {max(cold):.3f}x over {len(cold)} "
+                         f"runs, {verdict(max(cold) <= 1.05)}")
+        goal = TARGET_SPEEDUP[shape]
+        for (trace, batch, policy), r in sorted(by.items()):
+            if trace == "skewed" and policy in ("on_demand", "on_demand_device"):
+                lines.append(f"{shape}: skewed batch {batch} {policy:16} {r['speedup_vs_full']:.2f}x full tokens/s "
+                             f"(target >= {goal:.0f}x, {verdict(r['speedup_vs_full'] >= goal)}; hit rate "
+                             f"{100 * r['hit_rate']:.0f}%, device steps {100 * r['device_step_share']:.0f}%)")
+        pairs = [(r, by.get((r["trace"], r["batch"], "on_demand"))) for r in runs if r["policy"] == "auto"]
+        ratios = sorted(a["tokens_per_s"] / o["tokens_per_s"] for a, o in pairs if o)
+        if ratios:
+            lines.append(f"{shape}: decode auto/on_demand tokens/s: min {ratios[0]:.3f}, median "
+                         f"{statistics.median(ratios):.3f} over {len(ratios)} rows (target >= 1; single runs, "
+                         f"noise included)")
+        sync = [r["ids_to_host_ms_per_layer_step"] for r in runs if r["policy"] == "on_demand"]
+        if sync:
+            lines.append(f"{shape}: ids->host per layer-step (host path): median {statistics.median(sync):.4f} ms, "
+                         f"max {max(sync):.4f} ms")
+        faster = [by[(t, b, "on_demand_device")]["tokens_per_s"] / r["tokens_per_s"]
+                  for (t, b, p), r in by.items() if p == "on_demand" and (t, b, "on_demand_device") in by
+                  and by[(t, b, "on_demand_device")]["device_step_share"] == 1.0]
+        if faster:
+            lines.append(f"{shape}: device/host ids path tokens/s where every step fit its region: "
+                         f"{min(faster):.2f}-{max(faster):.2f}x over {len(faster)} rows (device faster in "
+                         f"{sum(f > 1 for f in faster)})")
+        prefill_auto = entry.get("prefill", {}).get("policies", {}).get("auto")
+        if prefill_auto:
+            lines.append(f"{shape}: prefill auto/full wall time (median of per-round ratios): "
+                         f"{prefill_auto['vs_full']:.3f} (target <= 1, {verdict(prefill_auto['vs_full'] <= 1.0)}; "
+                         f"{entry['prefill']['rounds']} rounds)")
+        for key, rec in entry["prediction"].items():
+            lines.append(f"{shape}: prediction recall, recorded trace {key}: {100 * rec['predicted_layers_recall']:.1f}% "
+                         f"of the routed experts of predicted layers (synthetic traces have no router)")
+    return lines
+
+
 def chart(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -345,7 +400,7 @@ def chart(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default="mixtral,qwen3")
@@ -361,7 +416,7 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--threads", type=int, default=1, help="torch compute threads on CPU (the copy engine is one more)")
     p.add_argument("--out", default="bench_results/expert", help="folder, or a .json file path")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     device = args.device
     if device == "cpu":
@@ -424,7 +479,12 @@ def main() -> int:
             print(f"{shape:8} prediction recall (demo model, {key}): {100 * rec['predicted_layers_recall']:.1f}% of the "
                   f"routed experts of predicted layers ({100 * rec['prediction_recall']:.1f}% of all layers')")
         results["shapes"][shape] = entry
+    results["targets"] = targets(results)
+    print("targets (" + results["device"] + "):")
+    for line in results["targets"]:
+        print("  " + line)
     json_path.write_text(json.dumps(results, indent=1))
+    json_path.with_name(json_path.stem + "_targets.txt").write_text("\n".join(results["targets"]) + "\n")
     if args.prefill_only:
         print(f"wrote {json_path}")
         return 0

@@ -96,3 +96,5 @@ echo
 echo "==== summary ($(( $(date +%s) - start )) s) ===="
 cat "$summary"
 tail -n 80 "$OUT/bench.log"
+# the targets as bench_expert measured them here (its JSON has every row)
+if [ -f "$OUT/bench_expert_targets.txt" ]; then echo "==== expert-streaming targets ===="; cat "$OUT/bench_expert_targets.txt"; fi
