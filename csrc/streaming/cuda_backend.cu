@@ -172,6 +172,11 @@ class CudaBackend final : public StreamBackend {
   double time_copy(const CopyPlan& plan, int repeats) override {
     c10::cuda::CUDAGuard guard(device_);
     drain();
+    // Ordered after the work queued so far on the current stream, like every copy (issue_copy): the
+    // destination was just allocated there, and torch's caching allocator hands out a block freed on
+    // that stream while kernels queued before the free may still read or write it.
+    C10_CUDA_CHECK(cudaEventRecord(fork_, current_stream()));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, fork_, 0));
     cudaEvent_t start = nullptr, end = nullptr;
     C10_CUDA_CHECK(cudaEventCreate(&start));
     double best = 1e30;
