@@ -147,7 +147,15 @@ class CudaBackend final : public StreamBackend {
     if (!options_.trace) return;
     c10::cuda::CUDAGuard guard(device_);
     cudaEvent_t start = record_timing_event(current_stream());
-    if (start != nullptr) hold_start_[layer] = start;
+    if (start == nullptr) return;
+    auto [it, fresh] = hold_start_.try_emplace(layer, start);
+    if (!fresh) {
+      // Begun again before its release (on_demand waits on the prediction channel, then the demand
+      // channel): the later start counts, as on the CPU backend, and the earlier event is reused
+      // rather than lost (a lost event is never destroyed and counts against kMaxTimingEvents).
+      spare_events_.push_back(it->second);
+      it->second = start;
+    }
   }
 
   void record_free(int slot, int64_t layer) override {
