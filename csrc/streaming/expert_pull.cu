@@ -4,11 +4,12 @@
 //   1. plan (one block): mark routed experts in shared memory, stamp hits (threads over slots),
 //      then one thread picks LRU victims for the misses (a step misses at most min(E, T*k)
 //      experts; the serial pick is O(misses * C), small at decode) and writes the copy list;
-//   2. pull (grid: blocks x C list entries): each block copies its share of one listed expert from
+//   2. pull (grid: blocks x list entries): each block copies its share of one listed expert from
 //      the mapped pinned host view (zero-copy reads over PCIe by the SMs) into its pool slot, in
-//      16-byte words when every address allows it. Entries past the list's length exit at once.
-//      Zero-copy reads need many requests in flight to fill the link, so a small region (decode:
-//      a few experts) gets more blocks per expert: about 4 blocks per SM over the whole region.
+//      16-byte words when every address allows it. The list has at most min(C, E, ids) entries (a
+//      step copies only distinct routed experts), known from shapes; entries past the list's length
+//      exit at once. Zero-copy reads need many requests in flight to fill the link, so a short list
+//      (decode: a few experts) gets more blocks per entry: about 4 blocks per SM over the whole list.
 //
 // NOTE: compiled for sm_90 but never run on a GPU. Out-of-range ids are skipped (never read out
 // of bounds); with set_debug(True) the op then raises, naming the first one (the plan kernel records
@@ -32,6 +33,8 @@ constexpr int kPlanThreads = 256;
 constexpr int kPullThreads = 256;
 constexpr int kMinPullBlocksPerExpert = 16;
 constexpr int kMaxPullBlocksPerExpert = 1024;
+// The plan kernel's static shared memory (now, hits, first_bad) next to its dynamic flags.
+constexpr size_t kPlanStaticShared = 64;
 
 template <typename Id>
 __global__ void plan_pull_kernel(const Id* __restrict__ ids, int64_t num_ids, int num_experts, int num_slots,
@@ -155,8 +158,8 @@ void expert_cache_pull_cuda(const at::Tensor& topk_ids, const at::Tensor& host_w
   int32_t* copy_list = scratch.data_ptr<int32_t>();
   int32_t* copy_count = copy_list + 2 * C;
   const size_t shared_bytes = static_cast<size_t>(E + C);
-  TORCH_CHECK(shared_bytes <= 48 * 1024, "expert_cache_pull (CUDA): E + C = ", shared_bytes,
-              " exceeds the 48 KiB of shared flags");
+  TORCH_CHECK(shared_bytes + kPlanStaticShared <= 48 * 1024, "expert_cache_pull (CUDA): E + C = ", shared_bytes,
+              " exceeds the ", 48 * 1024 - kPlanStaticShared, " bytes of shared flags");
   // Debug (not while capturing a graph: reading the result back is a sync): the plan kernel records
   // the first out-of-range id's position, raised after the step.
   const bool debug = debug_sync_now();
@@ -174,11 +177,13 @@ void expert_cache_pull_cuda(const at::Tensor& topk_ids, const at::Tensor& host_w
         expert_map.data_ptr<int32_t>(), counters.data_ptr<int64_t>(), copy_list, copy_count, first_bad_ptr);
   }
   MOE_SWAP_LAUNCH_CHECK();
-  if (C > 0) {
+  // A step copies distinct routed experts into distinct slots: at most min(C, E, ids) list entries.
+  const int64_t max_copies = std::min<int64_t>({C, E, ids.numel()});
+  if (max_copies > 0) {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int64_t per_expert =
-        std::clamp<int64_t>((4 * sms + C - 1) / C, kMinPullBlocksPerExpert, kMaxPullBlocksPerExpert);
-    const dim3 grid(static_cast<unsigned>(per_expert), static_cast<unsigned>(C));
+    const int64_t per_expert = std::clamp<int64_t>((4 * sms + max_copies - 1) / max_copies, kMinPullBlocksPerExpert,
+                                                   kMaxPullBlocksPerExpert);
+    const dim3 grid(static_cast<unsigned>(per_expert), static_cast<unsigned>(max_copies));
     pull_experts_kernel<<<grid, kPullThreads, 0, stream>>>(
         static_cast<const unsigned char*>(host_w13.data_ptr()), static_cast<const unsigned char*>(host_w2.data_ptr()),
         static_cast<unsigned char*>(pool_w13.data_ptr()), static_cast<unsigned char*>(pool_w2.data_ptr()),
