@@ -200,7 +200,16 @@ class WeightStreamer:
     def close(self) -> None:
         """Wait for in-flight copies and free the host store and the slots. Idempotent."""
         handle, self._handle = self._handle, None
-        self._regions = None  # the host views keep the host store's memory alive
+        regions, self._regions = self._regions, None  # the host views keep the host store's memory alive
+        side = next((r.side_stream for r in regions or () if r is not None and r.side_stream is not None), None)
+        if side is not None:
+            # A prediction's pull may still be writing the regions' tensors on the side stream: their memory
+            # goes back to torch's allocator in the current stream's order, so that stream waits for it. And
+            # the pulls (there and on this stream) read the host store, freed below: the host waits for them.
+            current = torch.cuda.current_stream(side.device)
+            current.wait_stream(side)
+            current.synchronize()
+        del regions
         if handle is not None:
             _LAYER_META.pop(handle, None)
             torch.ops.moe_swap.streamer_destroy(handle)
