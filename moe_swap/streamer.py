@@ -565,12 +565,20 @@ class _DeviceRegion:
         torch.ops.moe_swap.expert_cache_pull(topk_ids, self.host_w13, self.host_w2, self.pool_w13, self.pool_w2, 0,
                                              self.slot_expert, self.slot_stamp, self.clock, expert_map, counters)
 
+    def _routed(self, ids: Tensor) -> Tensor:
+        # [E] bool: the experts in `ids`. An id outside [0, E) marks a spare entry instead: index_fill_
+        # would fail on it with a device-side assert on CUDA (the CUDA context is lost), while the pull
+        # skips it there (and raises on CPU, with a message naming it).
+        ids = ids.flatten().long()
+        ids = torch.where((ids >= 0) & (ids < self.num_experts), ids, self.num_experts)
+        return torch.zeros(self.num_experts + 1, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)[:-1]
+
     def predict(self, expert_ids: Tensor) -> None:
         if not self.fits(expert_ids):
             return  # a hint: a guess wider than the region is not pulled
         def pull() -> None:
             self._pull(expert_ids, self.predict_map, self.predict_counters)
-            self.predicted.index_fill_(0, expert_ids.flatten().long(), True)
+            self.predicted |= self._routed(expert_ids)
             self.predict_counts[0] += 1
         if self.side_stream is not None and not torch.compiler.is_compiling():
             self.side_stream.wait_stream(torch.cuda.current_stream(self.side_stream.device))
@@ -587,8 +595,7 @@ class _DeviceRegion:
             torch.cuda.current_stream(self.side_stream.device).wait_stream(self.side_stream)
             self._joined = True
         if self._predicted:  # recall: the routed experts that were predicted, counted on the device
-            routed = torch.zeros_like(self.predicted).index_fill_(0, topk_ids.flatten().long(), True)
-            self.predict_counts[3] += (routed & self.predicted).sum()
+            self.predict_counts[3] += (self._routed(topk_ids) & self.predicted).sum()
             self.predicted.zero_()
             self._predicted = False
         self._pull(topk_ids, self.expert_map, self.counters)
