@@ -251,6 +251,11 @@ class WeightStreamer:
         ``[row, row+rows)``."""
         if which not in ("w13", "w2"):
             raise ValueError(f"which must be 'w13' or 'w2', got {which!r}")
+        if self._regions is not None:
+            # the device regions cache experts, and their pulls read the host store: new weights would be
+            # torn by a pull in flight and then shadowed by the stale copies the regions keep
+            raise RuntimeError("write() after prepare_device_cache(): the device regions cache this streamer's "
+                               "experts; write every layer first")
         torch.ops.moe_swap.streamer_write(self.handle, layer, 0 if which == "w13" else 1, expert, row, src)
 
     def add_layer(self, w13: Tensor, w2: Tensor) -> int:

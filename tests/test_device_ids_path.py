@@ -196,6 +196,8 @@ def test_bad_arguments_raise_clearly():
         s.prepare_device_cache()
         with pytest.raises(RuntimeError, match="after prepare_device_cache"):
             s.add_layer(*random_layers(1, 4)[0])
+        with pytest.raises(RuntimeError, match=r"write\(\) after prepare_device_cache"):
+            s.write(0, "w2", torch.zeros(4, 16, 8))
         with pytest.raises(RuntimeError, match=r"expert ids in \[0, 4\), got 7"):
             s.moe(0, torch.randn(1, 16), torch.ones(1, 1), torch.tensor([[7]]))
         with pytest.raises(RuntimeError, match=r"layer must be in \[0, 1\), got 3"):
