@@ -141,6 +141,8 @@ def expert_cache_pull(
     State, all on the pool's device: ``slot_expert`` int32 ``[C]`` (expert held, -1 empty; start at
     -1), ``slot_stamp`` int64 ``[C]`` (last use), ``clock`` int64 ``[1]``; ``counters`` int64 ``[2]``
     accumulates (hits, misses). ``C`` must be at least ``min(E, topk_ids.numel())``.
+    An id out of range raises on CPU; on CUDA it is skipped (never read out of bounds), and with
+    ``set_debug(True)`` the op raises after the step, naming the first one.
     The CUDA kernel is compiled but has never run on a GPU.
     """
     torch.ops.moe_swap.expert_cache_pull.default(topk_ids, host_w13, host_w2, pool_w13, pool_w2, slot_base,
@@ -154,8 +156,9 @@ def _expert_cache_pull_fake(topk_ids, host_w13, host_w2, pool_w13, pool_w2, slot
 
 
 def set_debug(enabled: bool = True) -> None:
-    """Debug switch (also ``MOE_SWAP_DEBUG=1``): synchronise and check after every CUDA launch, and
-    turn out-of-range expert ids in CUDA kernels into errors instead of skipped pairs."""
+    """Debug switch (also ``MOE_SWAP_DEBUG=1``): synchronise and check after every CUDA launch and
+    every streamer copy, and turn out-of-range expert ids in CUDA kernels into errors instead of
+    skipped pairs. While the current stream captures a CUDA graph the synchronising checks are skipped."""
     torch.ops.moe_swap.set_debug(bool(enabled))
 
 

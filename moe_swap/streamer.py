@@ -200,7 +200,16 @@ class WeightStreamer:
     def close(self) -> None:
         """Wait for in-flight copies and free the host store and the slots. Idempotent."""
         handle, self._handle = self._handle, None
-        self._regions = None  # the host views keep the host store's memory alive
+        regions, self._regions = self._regions, None  # the host views keep the host store's memory alive
+        side = next((r.side_stream for r in regions or () if r is not None and r.side_stream is not None), None)
+        if side is not None:
+            # A prediction's pull may still be writing the regions' tensors on the side stream: their memory
+            # goes back to torch's allocator in the current stream's order, so that stream waits for it. And
+            # the pulls (there and on this stream) read the host store, freed below: the host waits for them.
+            current = torch.cuda.current_stream(side.device)
+            current.wait_stream(side)
+            current.synchronize()
+        del regions
         if handle is not None:
             _LAYER_META.pop(handle, None)
             torch.ops.moe_swap.streamer_destroy(handle)
@@ -242,6 +251,11 @@ class WeightStreamer:
         ``[row, row+rows)``."""
         if which not in ("w13", "w2"):
             raise ValueError(f"which must be 'w13' or 'w2', got {which!r}")
+        if self._regions is not None:
+            # the device regions cache experts, and their pulls read the host store: new weights would be
+            # torn by a pull in flight and then shadowed by the stale copies the regions keep
+            raise RuntimeError("write() after prepare_device_cache(): the device regions cache this streamer's "
+                               "experts; write every layer first")
         torch.ops.moe_swap.streamer_write(self.handle, layer, 0 if which == "w13" else 1, expert, row, src)
 
     def add_layer(self, w13: Tensor, w2: Tensor) -> int:
@@ -556,12 +570,20 @@ class _DeviceRegion:
         torch.ops.moe_swap.expert_cache_pull(topk_ids, self.host_w13, self.host_w2, self.pool_w13, self.pool_w2, 0,
                                              self.slot_expert, self.slot_stamp, self.clock, expert_map, counters)
 
+    def _routed(self, ids: Tensor) -> Tensor:
+        # [E] bool: the experts in `ids`. An id outside [0, E) marks a spare entry instead: index_fill_
+        # would fail on it with a device-side assert on CUDA (the CUDA context is lost), while the pull
+        # skips it there (and raises on CPU, with a message naming it).
+        ids = ids.flatten().long()
+        ids = torch.where((ids >= 0) & (ids < self.num_experts), ids, self.num_experts)
+        return torch.zeros(self.num_experts + 1, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)[:-1]
+
     def predict(self, expert_ids: Tensor) -> None:
         if not self.fits(expert_ids):
             return  # a hint: a guess wider than the region is not pulled
         def pull() -> None:
             self._pull(expert_ids, self.predict_map, self.predict_counters)
-            self.predicted.index_fill_(0, expert_ids.flatten().long(), True)
+            self.predicted |= self._routed(expert_ids)
             self.predict_counts[0] += 1
         if self.side_stream is not None and not torch.compiler.is_compiling():
             self.side_stream.wait_stream(torch.cuda.current_stream(self.side_stream.device))
@@ -578,8 +600,7 @@ class _DeviceRegion:
             torch.cuda.current_stream(self.side_stream.device).wait_stream(self.side_stream)
             self._joined = True
         if self._predicted:  # recall: the routed experts that were predicted, counted on the device
-            routed = torch.zeros_like(self.predicted).index_fill_(0, topk_ids.flatten().long(), True)
-            self.predict_counts[3] += (routed & self.predicted).sum()
+            self.predict_counts[3] += (self._routed(topk_ids) & self.predicted).sum()
             self.predicted.zero_()
             self._predicted = False
         self._pull(topk_ids, self.expert_map, self.counters)

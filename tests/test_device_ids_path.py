@@ -196,13 +196,37 @@ def test_bad_arguments_raise_clearly():
         s.prepare_device_cache()
         with pytest.raises(RuntimeError, match="after prepare_device_cache"):
             s.add_layer(*random_layers(1, 4)[0])
+        with pytest.raises(RuntimeError, match=r"write\(\) after prepare_device_cache"):
+            s.write(0, "w2", torch.zeros(4, 16, 8))
         with pytest.raises(RuntimeError, match=r"expert ids in \[0, 4\), got 7"):
             s.moe(0, torch.randn(1, 16), torch.ones(1, 1), torch.tensor([[7]]))
         with pytest.raises(RuntimeError, match=r"layer must be in \[0, 1\), got 3"):
             s.moe(3, torch.randn(1, 16), torch.ones(1, 1), torch.tensor([[1]]))
 
 
+def test_an_invalid_id_after_a_prediction_is_named_by_the_pull():
+    layers = random_layers(1, 8)
+    with device_streamer(layers, 4) as s:
+        s.predict(0, torch.tensor([[1, 2]]))  # the step then counts its recall from the routed ids
+        with pytest.raises(RuntimeError, match=r"expert ids in \[0, 8\), got 9 at flat position 1"):
+            s.moe(0, torch.randn(1, 16), torch.full((1, 2), 0.5), torch.tensor([[1, 9]]))
+
+
 # ---- CUDA: the point of the device path (no sync, capturable); these run where a GPU is present ----
+
+@requires_cuda
+def test_an_invalid_id_after_a_prediction_is_skipped_as_fused_moe_skips_it_cuda(debug_off):
+    # the recall count must not index with it (a device-side assert would lose the CUDA context)
+    layers = random_layers(1, 8)
+    with device_streamer(layers, 4, device="cuda") as s:
+        s.predict(0, torch.tensor([[1, 2]], device="cuda"))
+        x = torch.randn(1, 16, device="cuda")
+        weights = torch.full((1, 2), 0.5, device="cuda")
+        ids = torch.tensor([[1, 9]], dtype=torch.int32, device="cuda")
+        out = s.moe(0, x, weights, ids)
+        torch.testing.assert_close(out, fused_moe(x, layers[0][0].cuda(), layers[0][1].cuda(), weights, ids))
+        assert s.stats()["layers"][0]["predicted_used"] == 1
+
 
 @requires_cuda
 def test_device_path_step_does_not_sync_cuda(debug_off):

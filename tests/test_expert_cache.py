@@ -408,3 +408,97 @@ def test_auto_with_a_one_layer_cache_stays_within_its_budget():
         stats = s.stats()
         assert s.cache_state()["slots"] == experts
         assert [l["layer_copies"] for l in stats["layers"]] == [1, 1, 1] and stats["predicted"] == 0
+
+
+# ---- CUDA: the copy-engine path of on_demand/auto (pinned host store, per-expert copies on the copy
+# stream, predictions on the second channel, the expert map uploaded from pinned memory) ----
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy, copy_cost", [("on_demand", None), ("auto", SLOW_LINK), ("auto", None)])
+def test_every_step_on_cuda_holds_the_right_experts_cuda(policy, copy_cost):
+    experts, num_layers = 8, 3
+    layers = random_layers(num_layers, experts)
+    cuda_layers = [(a.cuda(), b.cuda()) for a, b in layers]
+    sums = [[(checksum(w13[e]), checksum(w2[e])) for e in range(experts)] for w13, w2 in layers]
+    expert_bytes = (layers[0][0][0].numel() + layers[0][1][0].numel()) * 4
+    # two layers of cache: auto's wide steps copy the next layer ahead into the other region
+    with WeightStreamer("cuda", policy=policy, cache_bytes=2 * experts * expert_bytes, trace=True,
+                        copy_cost=copy_cost) as s:
+        for a, b in layers:
+            s.add_layer(a, b)
+        for step in range(9):
+            tokens = 16 if step % 3 == 0 else step % 3  # wide steps (most experts) and narrow ones
+            for layer in range(num_layers):
+                x = torch.randn(tokens, 16, device="cuda")
+                weights, ids = topk_route(torch.randn(tokens, experts, device="cuda"), 2, renormalize=True)
+                if step % 2 == 1 and layer + 1 < num_layers:  # a guess at the next layer, from device ids
+                    s.predict(layer + 1, torch.randint(0, experts, (3,), device="cuda"))
+                if step % 4 == 3:  # the one-op step (streamer_moe)
+                    out = s.moe(layer, x, weights, ids)
+                else:
+                    w13, w2, expert_map = s.acquire_experts(layer, ids)
+                    assert w13.is_cuda and expert_map.is_cuda and expert_map.dtype == torch.int32
+                    out = fused_moe(x, w13, w2, weights, ids, expert_map)
+                    slots = expert_map.tolist()
+                    for e in set(ids.flatten().tolist()):  # the slot the map names holds that expert
+                        assert (checksum(w13[slots[e]].cpu()), checksum(w2[slots[e]].cpu())) == sums[layer][e]
+                    assert all(slots[e] == -1 for e in range(experts) if e not in set(ids.flatten().tolist()))
+                    s.release_experts(layer, after=[out])
+                torch.testing.assert_close(out, fused_moe(x, *cuda_layers[layer], weights, ids))
+        stats = s.stats()
+        assert stats["expert_hits"] > 0 and stats["expert_misses"] > 0 and stats["predicted"] > 0
+        assert stats["ids_to_host_ms"] > 0  # the host path reads the ids: a device->host copy
+        assert any(sp["kind"] == "copy" and sp["end_us"] >= sp["start_us"] for sp in stats["trace"])
+        state = s.cache_state()
+        if policy == "auto":
+            assert state["copy_gb_per_s"] > 0 and state["copy_overhead_us"] >= 0  # set, or timed on the copy stream
+        if copy_cost is not None:
+            assert stats["layer_copies"] > 0  # wide steps copied whole layers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy", ["on_demand", "auto"])
+def test_steps_queued_back_to_back_on_cuda_compute_the_same_cuda(policy):
+    # The races the test above cannot see (it reads results on the host after every step): here the ids
+    # come from pinned CPU memory, so no step waits for the device -- copies into slots the previous
+    # steps' kernels still read, predictions, auto's whole-layer copies ahead and the expert maps' uploads
+    # all queue behind each other; the chained outputs are compared once, at the end.
+    experts, num_layers, steps = 8, 3, 12
+    layers = random_layers(num_layers, experts, inter=64, hidden=128)
+    cuda_layers = [(a.cuda(), b.cuda()) for a, b in layers]
+    expert_bytes = (layers[0][0][0].numel() + layers[0][1][0].numel()) * 4
+    plan = []  # per (step, layer): (weights on cuda, ids pinned on the host, ids on cuda, predicted ids on the host)
+    for step in range(steps):
+        tokens = 16 if step % 4 == 0 else 1 + step % 3
+        for layer in range(num_layers):
+            weights, ids = topk_route(torch.randn(tokens, experts), 2, renormalize=True)
+            guess = torch.randint(0, experts, (3,)).pin_memory() if step % 2 else None
+            plan.append((weights.cuda(), ids.pin_memory(), ids.cuda(), guess))
+    x0 = torch.randn(16, 128, device="cuda")
+    with WeightStreamer("cuda", policy=policy, cache_bytes=2 * experts * expert_bytes,
+                        copy_cost=SLOW_LINK if policy == "auto" else None) as s:
+        for a, b in layers:
+            s.add_layer(a, b)
+        torch.cuda.synchronize()
+        outs = []
+        for step in range(steps):
+            x = x0[: plan[step * num_layers][1].shape[0]]
+            for layer in range(num_layers):
+                weights, ids_host, ids, _ = plan[step * num_layers + layer]
+                if layer + 1 < num_layers and plan[step * num_layers + layer + 1][3] is not None:
+                    s.predict(layer + 1, plan[step * num_layers + layer + 1][3])
+                w13, w2, expert_map = s.acquire_experts(layer, ids_host)
+                x = fused_moe(x, w13, w2, weights, ids, expert_map)
+                s.release_experts(layer, after=[x])
+            outs.append(x)
+        got = [o.cpu() for o in outs]
+        stats = s.stats()
+    for step in range(steps):
+        x = x0[: plan[step * num_layers][1].shape[0]]
+        for layer in range(num_layers):
+            weights, _, ids, _ = plan[step * num_layers + layer]
+            x = fused_moe(x, *cuda_layers[layer], weights, ids)
+        torch.testing.assert_close(got[step], x.cpu(), rtol=1e-4, atol=1e-4, msg=lambda m: f"step {step}: {m}")
+    assert stats["expert_misses"] > 0 and stats["predicted"] > 0
+    if policy == "auto":
+        assert stats["layer_copies"] > 0

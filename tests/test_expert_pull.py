@@ -91,3 +91,25 @@ def test_opcheck():
     args = (torch.tensor([[1, 3]], dtype=torch.int32), r.host_w13, r.host_w2, r.pool_w13, r.pool_w2, 0, r.slot_expert,
             r.slot_stamp, r.clock, r.expert_map, r.counters)
     torch.library.opcheck(torch.ops.moe_swap.expert_cache_pull.default, args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_debug_mode_names_an_invalid_id_and_leaves_the_device_usable_cuda():
+    r = Region(experts=8, slots=4, device="cuda")
+    ids = torch.tensor([[2, 11], [5, 2]], dtype=torch.int32, device="cuda")
+    before = moe_swap.ops.debug_enabled()
+    try:
+        moe_swap.set_debug(True)
+        with pytest.raises(RuntimeError, match=r"expert ids in \[0, 8\), got 11 at flat position 1"):
+            r.step(ids)
+        # the step's valid ids were pulled all the same, and the device still works (no trap)
+        assert r.counters.tolist() == [0, 2]
+        for e in (2, 5):
+            slot = int(r.expert_map[e])
+            assert (checksum(r.pool_w13[slot]), checksum(r.pool_w2[slot])) == (checksum(r.host_w13[e]),
+                                                                               checksum(r.host_w2[e]))
+        moe_swap.set_debug(False)
+        expert_map = r.step(ids)  # without debug the invalid id is skipped
+    finally:
+        moe_swap.set_debug(before)
+    assert r.counters.tolist() == [2, 2] and expert_map[3].item() == -1

@@ -51,11 +51,18 @@ std::string shape_str(const at::Tensor& t);
 #ifdef MOE_SWAP_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
 
+namespace moe_swap {
+// Debug mode's checks that wait for the device: on when the debug switch is, except while the
+// current CUDA stream is capturing a graph (a synchronisation there is illegal and would invalidate
+// the capture; launch errors are still checked).
+bool debug_sync_now();
+}  // namespace moe_swap
+
 // After every kernel launch: the launch error now, and in debug mode the kernel's own error too.
 #define MOE_SWAP_LAUNCH_CHECK()                                                                 \
   do {                                                                                          \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                             \
-    if (::moe_swap::debug_enabled()) {                                                          \
+    if (::moe_swap::debug_sync_now()) {                                                         \
       C10_CUDA_CHECK(cudaDeviceSynchronize());                                                  \
     }                                                                                           \
   } while (0)

@@ -9,7 +9,7 @@
 //     turns this off);
 //   otherwise: the tiled grouped GEMM (moe_gemm.cuh), tensor cores for bf16/fp16 on sm_80+.
 // The combine gathers each token's k expert rows in order j = 0..k-1 (deterministic, no atomics).
-// Invalid expert ids are dropped on the device; with moe_swap::debug_enabled() they raise afterwards.
+// Invalid expert ids are dropped on the device; in debug mode they raise afterwards (not while capturing a graph).
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/_grouped_mm.h>
@@ -178,7 +178,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   MOE_SWAP_LAUNCH_CHECK();
   moe_scatter_pairs_kernel<<<pair_blocks, kSortThreads, 0, stream>>>(static_cast<int>(num_pairs), routing);
   MOE_SWAP_LAUNCH_CHECK();
-  if (debug_enabled()) raise_on_invalid_pair(routing, ids_c, map_c, num_pairs, k, E, stream);
+  if (debug_sync_now()) raise_on_invalid_pair(routing, ids_c, map_c, num_pairs, k, E, stream);
 
   if (E == 0) return out.zero_();  // every pair was invalid and dropped (or raised above)
   const int act = static_cast<int>(sizes.activation);

@@ -8,6 +8,8 @@
 // what went wrong.
 #include "streaming/backend.h"
 
+#include "core/checks.h"
+
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -28,6 +30,18 @@ namespace {
 void free_pinned(void* data, size_t bytes) {
   C10_CUDA_CHECK_WARN(cudaFreeHost(data));
   host_bytes_freed(bytes);
+}
+
+// Debug mode (MOE_SWAP_DEBUG=1 / set_debug): the host waits for a copy right after issuing it, so a
+// copy that faults is named here rather than at some later, unrelated synchronisation.
+void debug_wait_for_copy(cudaStream_t stream, const CopyPlan& plan) {
+  if (!debug_sync_now()) return;
+  const cudaError_t err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    TORCH_CHECK(false, "copy of layer ", plan.layer, " (slot/channel ", plan.slot, ", ", plan.chunks.size(),
+                " chunks, ", plan.bytes, " bytes) failed: ", cudaGetErrorString(err));
+  }
 }
 
 // Pending timing spans beyond this many are not timed (counted in untimed_spans) rather than waited for.
@@ -118,6 +132,7 @@ class CudaBackend final : public StreamBackend {
     }
     C10_CUDA_CHECK(cudaEventRecord(ready_[plan.slot], copy_stream_));
     if (start != nullptr) end_span(plan.layer, plan.slot, 1u << int(SpanKind::kCopy), start, copy_stream_);
+    debug_wait_for_copy(copy_stream_, plan);
   }
 
   void wait_ready(int slot, int64_t layer) override {
@@ -136,6 +151,7 @@ class CudaBackend final : public StreamBackend {
     for (const CopyChunk& c : plan.chunks) {
       C10_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyHostToDevice, compute));
     }
+    debug_wait_for_copy(compute, plan);
     // The compute stream itself did the copy: that time is both a copy span and a wait.
     if (start != nullptr) {
       end_span(plan.layer, plan.slot, (1u << int(SpanKind::kCopy)) | (1u << int(SpanKind::kWait)), start, compute);
@@ -147,7 +163,15 @@ class CudaBackend final : public StreamBackend {
     if (!options_.trace) return;
     c10::cuda::CUDAGuard guard(device_);
     cudaEvent_t start = record_timing_event(current_stream());
-    if (start != nullptr) hold_start_[layer] = start;
+    if (start == nullptr) return;
+    auto [it, fresh] = hold_start_.try_emplace(layer, start);
+    if (!fresh) {
+      // Begun again before its release (on_demand waits on the prediction channel, then the demand
+      // channel): the later start counts, as on the CPU backend, and the earlier event is reused
+      // rather than lost (a lost event is never destroyed and counts against kMaxTimingEvents).
+      spare_events_.push_back(it->second);
+      it->second = start;
+    }
   }
 
   void record_free(int slot, int64_t layer) override {
@@ -172,6 +196,11 @@ class CudaBackend final : public StreamBackend {
   double time_copy(const CopyPlan& plan, int repeats) override {
     c10::cuda::CUDAGuard guard(device_);
     drain();
+    // Ordered after the work queued so far on the current stream, like every copy (issue_copy): the
+    // destination was just allocated there, and torch's caching allocator hands out a block freed on
+    // that stream while kernels queued before the free may still read or write it.
+    C10_CUDA_CHECK(cudaEventRecord(fork_, current_stream()));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, fork_, 0));
     cudaEvent_t start = nullptr, end = nullptr;
     C10_CUDA_CHECK(cudaEventCreate(&start));
     double best = 1e30;

@@ -4,14 +4,16 @@
 //   1. plan (one block): mark routed experts in shared memory, stamp hits (threads over slots),
 //      then one thread picks LRU victims for the misses (a step misses at most min(E, T*k)
 //      experts; the serial pick is O(misses * C), small at decode) and writes the copy list;
-//   2. pull (grid: blocks x C list entries): each block copies its share of one listed expert from
+//   2. pull (grid: blocks x list entries): each block copies its share of one listed expert from
 //      the mapped pinned host view (zero-copy reads over PCIe by the SMs) into its pool slot, in
-//      16-byte words when every address allows it. Entries past the list's length exit at once.
-//      Zero-copy reads need many requests in flight to fill the link, so a small region (decode:
-//      a few experts) gets more blocks per expert: about 4 blocks per SM over the whole region.
+//      16-byte words when every address allows it. The list has at most min(C, E, ids) entries (a
+//      step copies only distinct routed experts), known from shapes; entries past the list's length
+//      exit at once. Zero-copy reads need many requests in flight to fill the link, so a short list
+//      (decode: a few experts) gets more blocks per entry: about 4 blocks per SM over the whole list.
 //
 // NOTE: compiled for sm_90 but never run on a GPU. Out-of-range ids are skipped (never read out
-// of bounds); with set_debug(True) they raise at the launch check instead.
+// of bounds); with set_debug(True) the op then raises, naming the first one (the plan kernel records
+// its position; the host reads it after the step, whose valid ids were pulled as usual).
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -31,18 +33,21 @@ constexpr int kPlanThreads = 256;
 constexpr int kPullThreads = 256;
 constexpr int kMinPullBlocksPerExpert = 16;
 constexpr int kMaxPullBlocksPerExpert = 1024;
+// The plan kernel's static shared memory (now, hits, first_bad) next to its dynamic flags.
+constexpr size_t kPlanStaticShared = 64;
 
 template <typename Id>
 __global__ void plan_pull_kernel(const Id* __restrict__ ids, int64_t num_ids, int num_experts, int num_slots,
                                  int64_t slot_base, int32_t* __restrict__ slot_expert, int64_t* __restrict__ slot_stamp,
                                  int64_t* __restrict__ clock, int32_t* __restrict__ expert_map,
                                  int64_t* __restrict__ counters, int32_t* __restrict__ copy_list,
-                                 int32_t* __restrict__ copy_count, bool debug) {
+                                 int32_t* __restrict__ copy_count, int64_t* __restrict__ first_bad) {
   extern __shared__ unsigned char shared[];
   unsigned char* needed = shared;                 // [E]: 0 not routed, 1 routed, 2 hit
   unsigned char* used = shared + num_experts;     // [C]: slot taken by this step
   __shared__ int64_t now;
   __shared__ unsigned long long hits;
+  __shared__ unsigned long long bad;  // the first flat position of an out-of-range id (debug)
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
     needed[e] = 0;
     expert_map[e] = -1;
@@ -52,14 +57,15 @@ __global__ void plan_pull_kernel(const Id* __restrict__ ids, int64_t num_ids, in
     now = *clock + 1;
     *clock = now;
     hits = 0;
+    bad = ~0ull;
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < num_ids; i += blockDim.x) {
     const int64_t e = static_cast<int64_t>(ids[i]);
     if (e >= 0 && e < num_experts) {
       needed[e] = 1;  // benign race: every writer writes 1
-    } else if (debug) {
-      __trap();  // an invalid expert id: the debug launch check reports it
+    } else if (first_bad != nullptr) {
+      atomicMin(&bad, static_cast<unsigned long long>(i));  // skipped; debug reports it after the step
     }
   }
   __syncthreads();
@@ -98,6 +104,7 @@ __global__ void plan_pull_kernel(const Id* __restrict__ ids, int64_t num_ids, in
   *copy_count = copies;
   counters[0] += static_cast<int64_t>(hits);
   counters[1] += copies;
+  if (first_bad != nullptr) *first_bad = bad == ~0ull ? -1 : static_cast<int64_t>(bad);
 }
 
 // Copy `bytes` from src to dst with the block's threads, blocks [part, part + parts) of the job.
@@ -151,32 +158,47 @@ void expert_cache_pull_cuda(const at::Tensor& topk_ids, const at::Tensor& host_w
   int32_t* copy_list = scratch.data_ptr<int32_t>();
   int32_t* copy_count = copy_list + 2 * C;
   const size_t shared_bytes = static_cast<size_t>(E + C);
-  TORCH_CHECK(shared_bytes <= 48 * 1024, "expert_cache_pull (CUDA): E + C = ", shared_bytes,
-              " exceeds the 48 KiB of shared flags");
-  const bool debug = debug_enabled();
+  TORCH_CHECK(shared_bytes + kPlanStaticShared <= 48 * 1024, "expert_cache_pull (CUDA): E + C = ", shared_bytes,
+              " exceeds the ", 48 * 1024 - kPlanStaticShared, " bytes of shared flags");
+  // Debug (not while capturing a graph: reading the result back is a sync): the plan kernel records
+  // the first out-of-range id's position, raised after the step.
+  const bool debug = debug_sync_now();
+  const at::Tensor first_bad = debug ? at::empty({1}, pool_w13.options().dtype(at::kLong)) : at::Tensor();
+  int64_t* first_bad_ptr = debug ? first_bad.data_ptr<int64_t>() : nullptr;
   if (ids.scalar_type() == at::kInt) {
     plan_pull_kernel<int32_t><<<1, kPlanThreads, shared_bytes, stream>>>(
         ids.data_ptr<int32_t>(), ids.numel(), static_cast<int>(E), static_cast<int>(C), slot_base,
         slot_expert.data_ptr<int32_t>(), slot_stamp.data_ptr<int64_t>(), clock.data_ptr<int64_t>(),
-        expert_map.data_ptr<int32_t>(), counters.data_ptr<int64_t>(), copy_list, copy_count, debug);
+        expert_map.data_ptr<int32_t>(), counters.data_ptr<int64_t>(), copy_list, copy_count, first_bad_ptr);
   } else {
     plan_pull_kernel<int64_t><<<1, kPlanThreads, shared_bytes, stream>>>(
         ids.data_ptr<int64_t>(), ids.numel(), static_cast<int>(E), static_cast<int>(C), slot_base,
         slot_expert.data_ptr<int32_t>(), slot_stamp.data_ptr<int64_t>(), clock.data_ptr<int64_t>(),
-        expert_map.data_ptr<int32_t>(), counters.data_ptr<int64_t>(), copy_list, copy_count, debug);
+        expert_map.data_ptr<int32_t>(), counters.data_ptr<int64_t>(), copy_list, copy_count, first_bad_ptr);
   }
   MOE_SWAP_LAUNCH_CHECK();
-  if (C == 0) return;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t per_expert =
-      std::clamp<int64_t>((4 * sms + C - 1) / C, kMinPullBlocksPerExpert, kMaxPullBlocksPerExpert);
-  const dim3 grid(static_cast<unsigned>(per_expert), static_cast<unsigned>(C));
-  pull_experts_kernel<<<grid, kPullThreads, 0, stream>>>(
-      static_cast<const unsigned char*>(host_w13.data_ptr()), static_cast<const unsigned char*>(host_w2.data_ptr()),
-      static_cast<unsigned char*>(pool_w13.data_ptr()), static_cast<unsigned char*>(pool_w2.data_ptr()),
-      static_cast<size_t>(host_w13[0].nbytes()), static_cast<size_t>(host_w2[0].nbytes()), slot_base, copy_list,
-      copy_count);
-  MOE_SWAP_LAUNCH_CHECK();
+  // A step copies distinct routed experts into distinct slots: at most min(C, E, ids) list entries.
+  const int64_t max_copies = std::min<int64_t>({C, E, ids.numel()});
+  if (max_copies > 0) {
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t per_expert = std::clamp<int64_t>((4 * sms + max_copies - 1) / max_copies, kMinPullBlocksPerExpert,
+                                                   kMaxPullBlocksPerExpert);
+    const dim3 grid(static_cast<unsigned>(per_expert), static_cast<unsigned>(max_copies));
+    pull_experts_kernel<<<grid, kPullThreads, 0, stream>>>(
+        static_cast<const unsigned char*>(host_w13.data_ptr()), static_cast<const unsigned char*>(host_w2.data_ptr()),
+        static_cast<unsigned char*>(pool_w13.data_ptr()), static_cast<unsigned char*>(pool_w2.data_ptr()),
+        static_cast<size_t>(host_w13[0].nbytes()), static_cast<size_t>(host_w2[0].nbytes()), slot_base, copy_list,
+        copy_count);
+    MOE_SWAP_LAUNCH_CHECK();
+  }
+  if (debug) {
+    const int64_t position = first_bad.item<int64_t>();
+    if (position >= 0) {
+      const int64_t id = ids.reshape({-1})[position].item<int64_t>();
+      TORCH_CHECK(false, "topk_ids must be expert ids in [0, ", E, "), got ", id, " at flat position ", position,
+                  " (on CUDA such ids are skipped unless debug mode is on)");
+    }
+  }
 }
 
 }  // namespace moe_swap
