@@ -533,12 +533,18 @@ const std::vector<int64_t>& Streamer::distinct_ids_on_host(const char* op, int64
   return distinct_;
 }
 
-// The pool holds max(cache capacity, the largest step's distinct experts) slots: a step never fails
-// for lack of room (a zero-byte cache still works: its step's experts live in working-set slots that
-// are emptied when the step ends). Growing re-allocates the pool, so it drains the copy engine and
-// forgets what was cached (counted as evictions); it happens only when a step needs more than ever before.
+// The pool holds max(cache capacity, the largest step's distinct experts) slots, the capacity capped
+// at what the layers can use: a step never fails for lack of room (a zero-byte cache still works: its
+// step's experts live in working-set slots that are emptied when the step ends). Growing re-allocates
+// the pool, so it drains the copy engine and forgets what was cached (counted as evictions); it happens
+// only when a step needs more than ever before, or a layer added after the first step raised the cap.
 void Streamer::ensure_pool(int64_t slots_needed) {
-  const int64_t n = std::max(cache_.capacity(), slots_needed);
+  // The cache never holds more than one slot per (layer, expert), nor (auto) more than two layer
+  // regions need: a budget beyond that allocates no pool it could never use.
+  int64_t useful = 0;
+  for (int64_t l = 0; l < store_.num_layers(); ++l) useful += store_.layout(l).num_experts;
+  if (policy_ == Policy::kAuto) useful = std::max(useful, 2 * max_layer_experts_);
+  const int64_t n = std::max(std::min(cache_.capacity(), useful), slots_needed);
   if (pool_memory_[0].defined() && cache_.num_slots() >= n) return;
   backend_->drain();
   for (int64_t i = 0; i < cache_.num_slots(); ++i) {
