@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import models
-from .offload import _check_device, _check_policy_and_mode, _offload
+from .offload import _check_device, _check_policy_and_mode, _check_schedule, _offload
 from .models import Family, MoELayer
 
 __all__ = ["load", "CheckpointIndex", "peak_host_memory"]
@@ -245,6 +245,10 @@ def load(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_policy_and_mode(policy, mode, eviction, ids_path, copy_cost)
+    _check_schedule(slots, prefetch_depth)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None (the checkpoint's) or a floating torch.dtype such as torch.bfloat16, "
+                         f"got {dtype!r}")
     dev = _check_device(device)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"path={path!r} has no config.json (expected a Hugging Face checkpoint folder)")

@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import numbers
+import operator
 import os
 import struct
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from .ops import check_same_device
 
 __all__ = ["WeightStreamer"]
 
@@ -42,25 +45,49 @@ IDS_PATHS = ("host", "device")
 _SPAN_KINDS = ("copy", "wait", "hold")
 
 
+def _layer_meta(op: str, handle: int, layer: int):
+    """The fake kernels' view of a layer: (w13_shape, w2_shape, dtype, device), or the error the op
+    itself would raise for an unknown handle or layer."""
+    if handle not in _LAYER_META:
+        raise RuntimeError(f"streamer handle {handle} is unknown or was destroyed (WeightStreamer used after close()?)")
+    layers = _LAYER_META[handle]
+    if not 0 <= layer < len(layers):  # no Python negative indexing: the op rejects a negative layer
+        raise RuntimeError(f"{op}({layer}): layer must be in [0, {len(layers)}), got {layer}")
+    return layers[layer]
+
+
+def _check_after(op: str, after) -> None:
+    # The fake kernels also serve real calls that pass a meta tensor (the dispatcher picks the Meta kernel
+    # whenever any input is meta): there they would skip the op, so a meta tensor in `after` is an error.
+    for t in after:
+        if t.device.type == "meta":
+            raise RuntimeError(f"{op}: `after` must hold tensors on a real device (they order the op in a compiled "
+                               f"graph), got a meta tensor of shape {list(t.shape)}")
+
+
 @torch.library.register_fake("moe_swap::streamer_acquire")
 def _acquire_fake(handle, layer, after):
-    w13_shape, w2_shape, dtype, device = _LAYER_META[handle][layer]
+    w13_shape, w2_shape, dtype, device = _layer_meta("acquire", handle, layer)
+    _check_after("acquire", after)
     return torch.empty(w13_shape, dtype=dtype, device=device), torch.empty(w2_shape, dtype=dtype, device=device)
 
 
 @torch.library.register_fake("moe_swap::streamer_host_copy")
 def _host_copy_fake(handle, layer):
-    w13_shape, w2_shape, dtype, _ = _LAYER_META[handle][layer]
+    w13_shape, w2_shape, dtype, _ = _layer_meta("host_copy", handle, layer)
     return torch.empty(w13_shape, dtype=dtype), torch.empty(w2_shape, dtype=dtype)
 
 
 @torch.library.register_fake("moe_swap::streamer_release")
 def _release_fake(handle, layer, after):
+    _layer_meta("release", handle, layer)
+    _check_after("release", after)
     return None
 
 
 @torch.library.register_fake("moe_swap::streamer_prefetch")
 def _prefetch_fake(handle, layer):
+    _layer_meta("prefetch", handle, layer)
     return None
 
 
@@ -70,11 +97,21 @@ def _prefetch_fake(handle, layer):
 @torch.library.register_fake("moe_swap::streamer_moe")
 def _moe_fake(handle, layer, hidden_states, topk_weights, topk_ids, activation="silu"):
     torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be 2-D, got {hidden_states.dim()}-D")
+    device = _layer_meta("streamer_moe", handle, layer)[3]
+    if hidden_states.device != device:
+        raise RuntimeError(f"streamer_moe({layer}): hidden_states must be on the streamer's device {device}, "
+                           f"got {hidden_states.device}")
+    check_same_device("streamer_moe", "hidden_states", dict(hidden_states=hidden_states, topk_weights=topk_weights,
+                                                            topk_ids=topk_ids))
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("moe_swap::streamer_predict")
 def _predict_fake(handle, layer, expert_ids):
+    device = _layer_meta("predict", handle, layer)[3]
+    if expert_ids.device.type != "cpu" and expert_ids.device != device:
+        raise RuntimeError(f"predict({layer}): expert_ids must be on the CPU or on the streamer's device {device}, "
+                           f"got {expert_ids.device}")
     return None
 
 
@@ -173,6 +210,10 @@ class WeightStreamer:
             raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+        _check_int64("cache_bytes", cache_bytes)
+        slots, prefetch_depth = _check_int64("slots", slots), _check_int64("prefetch_depth", prefetch_depth)
+        test_copy_delay_us = _check_int64("test_copy_delay_us", test_copy_delay_us)
+        test_fail_copy_at = _check_int64("test_fail_copy_at", test_fail_copy_at)
         if ids_path not in IDS_PATHS:
             raise ValueError(f"ids_path must be one of {', '.join(IDS_PATHS)}, got {ids_path!r}")
         if ids_path == "device" and policy == "full":
@@ -188,11 +229,11 @@ class WeightStreamer:
         self.eviction = eviction
         self.device = dev
         self.mode = mode
-        self.slots = int(slots)
-        self.prefetch_depth = int(prefetch_depth)
+        self.slots = slots
+        self.prefetch_depth = prefetch_depth
         self._handle = torch.ops.moe_swap.streamer_create(
-            str(dev), self.slots, self.prefetch_depth, mode, bool(trace), bool(timing), int(test_copy_delay_us),
-            int(test_fail_copy_at), policy, 0 if ids_path == "device" else int(cache_bytes), eviction, overhead_us,
+            str(dev), slots, prefetch_depth, mode, bool(trace), bool(timing), test_copy_delay_us,
+            test_fail_copy_at, policy, 0 if ids_path == "device" else cache_bytes, eviction, overhead_us,
             gb_per_s)
         _LAYER_META[self._handle] = []
 
@@ -597,6 +638,20 @@ class _DeviceRegion:
         return {"device_steps": int(self.clock.item()) - predictions, "expert_hits": hits, "expert_misses": misses,
                 "evictions": misses + copied_ahead - filled, "predicted": copied_ahead,
                 "predicted_used": predicted_used, "bytes_copied": (misses + copied_ahead) * self.expert_bytes}
+
+
+def _check_int64(name: str, value) -> int:
+    """An integer argument as a Python int: any integer type but bool (no silent truncation of 2.5 or
+    parsing of "3"), within int64 (what the op takes)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
 
 
 def _check_copy_cost(copy_cost, policy: str) -> tuple[Optional[float], Optional[float]]:
