@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import time
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -23,6 +22,7 @@ from torch import nn
 from . import models
 from .offload import _check_device, _check_policy_and_mode, _check_schedule, _offload
 from .models import Family, MoELayer
+from .streamer import read_safetensors_header
 
 __all__ = ["load", "CheckpointIndex", "peak_host_memory"]
 
@@ -61,13 +61,8 @@ class CheckpointIndex:
             self._read_header(os.path.join(path, name))
 
     def _read_header(self, file: str) -> None:
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        data_start = 8 + header_len
+        data_start, header = read_safetensors_header(file)
         for key, info in header.items():
-            if key == "__metadata__":
-                continue
             if info["dtype"] not in _DTYPES:
                 raise ValueError(f"{file}: tensor {key!r} has dtype {info['dtype']}, which moe_swap cannot read")
             begin, end = info["data_offsets"]

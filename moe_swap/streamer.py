@@ -332,7 +332,11 @@ class WeightStreamer:
     @staticmethod
     def _plan_layer(reader: "_SafetensorsReader", spec: dict, index: int):
         # -> (w13_shape, w2_shape, [(which, expert, row, shape, name)], dtype)
-        if "w13" in spec:
+        if not isinstance(spec, dict):
+            raise ValueError(f"layers[{index}] must be a dict of tensor names, got {type(spec).__name__} {spec!r}")
+        if "w13" in spec or "w2" in spec:
+            if not {"w13", "w2"} <= spec.keys():
+                raise ValueError(f"layers[{index}] names fused experts by both 'w13' and 'w2'; got keys {sorted(spec)}")
             w13, w2 = spec["w13"], spec["w2"]
             s13, s2 = reader.shape(w13), reader.shape(w2)
             dtype = reader.dtype(w13)
@@ -340,22 +344,32 @@ class WeightStreamer:
                 raise ValueError(f"layers[{index}]: {w13} is {dtype} but {w2} is {reader.dtype(w2)}")
             return s13, s2, [("w13", 0, 0, s13, w13), ("w2", 0, 0, s2, w2)], dtype
         try:
-            num_experts = int(spec["num_experts"])
+            num_experts = spec["num_experts"]
             gate, up, down = spec["gate"], spec["up"], spec["down"]
         except KeyError as e:
             raise ValueError(f"layers[{index}] must have 'w13' and 'w2', or 'gate', 'up', 'down' and "
                              f"'num_experts'; missing {e}") from None
-        g0 = reader.shape(gate.format(e=0))
-        d0 = reader.shape(down.format(e=0))
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"layers[{index}]: num_experts must be an int >= 1, got {num_experts!r}")
+
+        def expert_name(pattern, e: int) -> str:
+            try:
+                return pattern.format(e=e)
+            except (AttributeError, KeyError, IndexError, ValueError) as error:
+                raise ValueError(f"layers[{index}]: {pattern!r} must be a tensor name with '{{e}}' where the expert "
+                                 f"index goes ({type(error).__name__}: {error})") from None
+
+        g0 = reader.shape(expert_name(gate, 0))
+        d0 = reader.shape(expert_name(down, 0))
         if len(g0) != 2 or len(d0) != 2:
             raise ValueError(f"layers[{index}]: gate must be [I, H] and down [H, I], got {g0} and {d0}")
         inter, hidden = g0
-        dtype = reader.dtype(gate.format(e=0))
+        dtype = reader.dtype(expert_name(gate, 0))
         parts = []
         for e in range(num_experts):
-            for which, row, name, want in (("w13", 0, gate.format(e=e), (inter, hidden)),
-                                           ("w13", inter, up.format(e=e), (inter, hidden)),
-                                           ("w2", 0, down.format(e=e), (hidden, inter))):
+            for which, row, name, want in (("w13", 0, expert_name(gate, e), (inter, hidden)),
+                                           ("w13", inter, expert_name(up, e), (inter, hidden)),
+                                           ("w2", 0, expert_name(down, e), (hidden, inter))):
                 if reader.shape(name) != want:
                     raise ValueError(f"layers[{index}]: {name} must have shape {want}, got {reader.shape(name)}")
                 if reader.dtype(name) != dtype:
@@ -686,6 +700,54 @@ _ST_DTYPES = {
 }
 
 
+# bytes per element of every safetensors dtype code (readers still decide which codes they support)
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def read_safetensors_header(path) -> tuple[int, dict[str, dict]]:
+    """A safetensors file's header, checked against the file: ``(data_start, {name: entry})``, each
+    entry's ``shape`` a list of ints >= 0 and its ``data_offsets`` ``[begin, end]`` inside the data,
+    ``end - begin`` the shape's bytes. A corrupt or truncated file is a ValueError naming the file
+    and the tensor, never a read outside a tensor's bytes."""
+    path = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise ValueError(f"{path}: safetensors header length {header_len} is past the end of the file "
+                             f"({size} bytes): truncated or not a safetensors file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}")
+    data_start, data_len = 8 + header_len, size - 8 - header_len
+    entries = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+            raise ValueError(f"{where} must have 'dtype', 'shape' and 'data_offsets', got {meta!r}")
+        shape, offsets = meta["shape"], meta["data_offsets"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"{where}: shape must be a list of ints >= 0, got {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise ValueError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end <= {data_len} "
+                             f"(the file's data bytes), got {offsets!r}")
+        itemsize = _ST_ITEMSIZE.get(meta["dtype"])
+        if itemsize is not None and offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+            raise ValueError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape {shape} "
+                             f"of {meta['dtype']} needs {math.prod(shape) * itemsize}")
+        entries[name] = meta
+    return data_start, entries
+
+
 class _SafetensorsReader:
     """Reads safetensors files (header: u64 length + JSON; then the data) through a private memory
     map, handing out one zero-copy tensor at a time and dropping its pages after use."""
@@ -698,14 +760,12 @@ class _SafetensorsReader:
         try:
             for path in files:
                 path = Path(path)
+                data_start, header = read_safetensors_header(path)
                 with open(path, "rb") as f:
-                    (header_len,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(header_len))
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                self._maps.append((path, mm, 8 + header_len))
+                self._maps.append((path, mm, data_start))
                 for name, meta in header.items():
-                    if name != "__metadata__":
-                        self._index[name] = (len(self._maps) - 1, meta)
+                    self._index[name] = (len(self._maps) - 1, meta)
         except Exception:
             self.close()
             raise

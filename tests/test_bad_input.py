@@ -378,6 +378,132 @@ def _pull_corrupt_state():
 good("expert_cache_pull/corrupt_state_still_places_every_expert", _pull_corrupt_state)
 
 
+# ---------------------------------------------------------------- property-based: random shapes and layouts
+# Hypothesis draws sizes (zeros included), dtypes, id types, expert maps and a memory layout per tensor;
+# the result must match the reference. Derandomised (seeded) so a run is reproducible.
+
+def _layout(draw, t):
+    """The same values as `t` in a layout drawn from: contiguous, last dims swapped in memory, every
+    other element of a larger buffer, or (when `t` repeats along dim 0) a stride-0 expansion."""
+    from hypothesis import strategies as st
+    kind = draw(st.sampled_from(["contiguous", "transposed", "strided", "expanded"]))
+    if kind == "transposed" and t.dim() >= 2:
+        return transposed(t)
+    if kind == "strided":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype) if t.dim() else t.clone()
+        if t.dim():
+            wide[..., ::2] = t
+            return wide[..., ::2]
+    if kind == "expanded" and t.dim() >= 1 and t.shape[0] > 0 and bool((t == t[:1]).all()):
+        return t[:1].expand(t.shape)
+    return t
+
+
+def _fused_moe_property():
+    from hypothesis import given, settings, HealthCheck, strategies as st
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def check(data):
+        T, H, I = data.draw(st.integers(0, 9)), data.draw(st.integers(0, 12)), data.draw(st.integers(0, 8))
+        E, k = data.draw(st.integers(1, 5)), data.draw(st.integers(0, 4))
+        dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+        id_dtype = data.draw(st.sampled_from([torch.int32, torch.int64]))
+        mapped = data.draw(st.booleans())
+        seed = data.draw(st.integers(0, 2**31 - 1))
+        g = torch.Generator().manual_seed(seed)
+        same_experts = data.draw(st.booleans())  # every expert equal: lets the weights be stride-0 views
+        n = 1 if same_experts else E
+        w13 = (torch.randn(n, 2 * I, H, generator=g) / max(H, 1)**0.5).expand(E, -1, -1).contiguous().to(dtype)
+        w2 = (torch.randn(n, H, I, generator=g) / max(I, 1)**0.5).expand(E, -1, -1).contiguous().to(dtype)
+        a = dict(hidden_states=torch.randn(T, H, generator=g).to(dtype), w13=w13, w2=w2,
+                 topk_weights=torch.rand(T, k, generator=g), expert_map=None)
+        if mapped:
+            num_global = E + data.draw(st.integers(0, 4))
+            expert_map = torch.full((num_global,), -1, dtype=torch.int32)
+            held = torch.randperm(num_global, generator=g)[:E]
+            expert_map[held] = torch.arange(E, dtype=torch.int32)
+            a["expert_map"] = expert_map
+            a["topk_ids"] = torch.randint(0, num_global, (T, k), generator=g).to(id_dtype)
+        else:
+            a["topk_ids"] = torch.randint(0, E, (T, k), generator=g).to(id_dtype)
+        args = {name: None if t is None else _layout(data.draw, t) for name, t in a.items()}
+        activation = data.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]))
+        out = moe_swap.fused_moe(**args, activation=activation)
+        expected = reference.fused_moe(**a, activation=activation)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        assert out.shape == (T, H) and out.dtype == dtype
+        torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+
+    check()
+
+
+
+def _topk_route_property():
+    from hypothesis import given, settings, HealthCheck, strategies as st
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def check(data):
+        groups = data.draw(st.sampled_from([1, 2, 4]))
+        E = groups * data.draw(st.integers(1, 5))
+        topk_group = data.draw(st.integers(1, groups))
+        k = data.draw(st.integers(1, topk_group * (E // groups)))
+        T = data.draw(st.integers(0, 6))
+        g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+        logits = torch.randn(T, E, generator=g) * data.draw(st.sampled_from([0.01, 1.0, 30.0]))
+        specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0]
+        for _ in range(data.draw(st.integers(0, 3)) if T else 0):
+            logits[data.draw(st.integers(0, T - 1)), data.draw(st.integers(0, E - 1))] = data.draw(st.sampled_from(specials))
+        bias = None
+        if data.draw(st.booleans()):
+            bias = torch.rand(E, generator=g)
+            if data.draw(st.booleans()):
+                bias[data.draw(st.integers(0, E - 1))] = data.draw(st.sampled_from(specials))
+            bias = _layout(data.draw, bias)
+        kwargs = dict(scoring=data.draw(st.sampled_from(["softmax", "sigmoid"])), renormalize=data.draw(st.booleans()),
+                      num_expert_group=groups, topk_group=topk_group, correction_bias=bias,
+                      routed_scaling_factor=data.draw(st.sampled_from([1.0, 2.5, 0.0])))
+        logits = logits.to(data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
+        w, ids = moe_swap.topk_route(_layout(data.draw, logits), k, **kwargs)
+        rw, rids = reference.topk_route(logits, k, **kwargs)
+        assert w.shape == (T, k) and ids.dtype == torch.int32
+        assert ((ids >= 0) & (ids < E)).all() and all(len(set(r)) == k for r in ids.tolist())
+        assert torch.equal(ids, rids), (ids, rids)
+        torch.testing.assert_close(w, rw, equal_nan=True)
+
+    check()
+
+
+def _expert_cache_pull_property():
+    from hypothesis import given, settings, HealthCheck, strategies as st
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def check(data):
+        E = data.draw(st.integers(1, 9))
+        ids_shape = (data.draw(st.integers(0, 4)), data.draw(st.integers(1, 3)))
+        C = data.draw(st.integers(min(E, ids_shape[0] * ids_shape[1]), E + 2))
+        base = data.draw(st.integers(0, 3))
+        a = pull_args(E=E, C=C, base=base, N=base + C + data.draw(st.integers(0, 2)))
+        g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+        for _ in range(data.draw(st.integers(1, 5))):
+            ids = torch.randint(0, E, ids_shape, generator=g).to(data.draw(st.sampled_from([torch.int32, torch.int64])))
+            a["topk_ids"] = _layout(data.draw, ids)
+            pull_check(a)
+        assert int(a["clock"]) > 0 and int(a["counters"].sum()) <= int(a["clock"]) * E
+
+    check()
+
+
+good("fused_moe/property_random_shapes_layouts_dtypes", _fused_moe_property)
+good("topk_route/property_random_groups_bias_specials_layouts", _topk_route_property)
+good("expert_cache_pull/property_random_steps_and_layouts", _expert_cache_pull_property)
+
+
 # ---------------------------------------------------------------- WeightStreamer: constructor
 
 def ctor_bad(name, kwargs, match, raises=ANY_ERROR):
@@ -668,6 +794,119 @@ good("WeightStreamer/fresh_streamer_reports", lambda: (lambda s: (s.stats(), s.c
 st_bad("fresh/acquire_with_no_layers", lambda s: s.acquire(0), r"layer must be in \[0, 0\)", layers=0)
 st_bad("fresh/prepare_device_cache_with_no_layers", lambda s: s.prepare_device_cache(), "has no layers", layers=0,
        policy="on_demand", ids_path="device")
+
+
+# ---------------------------------------------------------------- safetensors files (load_safetensors, CheckpointIndex)
+
+def _safetensors_file(folder, header=None, data=b"", raw_header=None, name="model.safetensors"):
+    import struct
+    h = raw_header if raw_header is not None else json.dumps(header).encode()
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + data)
+    return path
+
+
+_ST_DATA = torch.randn(2, 8, 4).numpy().tobytes() + torch.randn(2, 4, 4).numpy().tobytes()
+_ST_GOOD = {"a": {"dtype": "F32", "shape": [2, 8, 4], "data_offsets": [0, 256]},
+            "b": {"dtype": "F32", "shape": [2, 4, 4], "data_offsets": [256, 384]}}
+_ST_CORRUPT = [  # (name, header, data, raw header or None, message)
+    ("offsets_past_end", {**_ST_GOOD, "b": {**_ST_GOOD["b"], "data_offsets": [256, 100000]}}, _ST_DATA, None,
+     r"tensor 'b': data_offsets must be \[begin, end\] with 0 <= begin <= end <= 384"),
+    ("offsets_negative", {**_ST_GOOD, "b": {**_ST_GOOD["b"], "data_offsets": [-128, 0]}}, _ST_DATA, None,
+     r"tensor 'b': data_offsets must be"),
+    ("offsets_reversed", {**_ST_GOOD, "b": {**_ST_GOOD["b"], "data_offsets": [384, 256]}}, _ST_DATA, None,
+     r"tensor 'b': data_offsets must be"),
+    ("offsets_huge", {**_ST_GOOD, "a": {**_ST_GOOD["a"], "data_offsets": [2**64, 2**64 + 256]}}, _ST_DATA, None,
+     r"tensor 'a': data_offsets must be"),
+    ("offsets_floats", {**_ST_GOOD, "a": {**_ST_GOOD["a"], "data_offsets": [0.0, 256.0]}}, _ST_DATA, None,
+     r"tensor 'a': data_offsets must be"),
+    ("shape_vs_offsets", {**_ST_GOOD, "b": {**_ST_GOOD["b"], "shape": [2, 4, 8]}}, _ST_DATA, None,
+     r"tensor 'b': data_offsets \[256, 384\] hold 128 bytes but shape \[2, 4, 8\] of F32 needs 256"),
+    ("shape_negative", {**_ST_GOOD, "b": {**_ST_GOOD["b"], "shape": [-2, 4, 4]}}, _ST_DATA, None,
+     r"tensor 'b': shape must be a list of ints >= 0"),
+    ("shape_string", {**_ST_GOOD, "b": {**_ST_GOOD["b"], "shape": "2,4,4"}}, _ST_DATA, None, r"tensor 'b': shape must be"),
+    ("truncated_data", _ST_GOOD, _ST_DATA[:300], None, r"tensor 'b': data_offsets must be .* <= 300"),
+    ("entry_missing_keys", {**_ST_GOOD, "b": {"dtype": "F32"}}, _ST_DATA, None, r"tensor 'b' must have 'dtype', 'shape'"),
+    ("header_not_object", None, b"", b"[1, 2]", "the safetensors header must be a JSON object"),
+    ("header_not_json", None, b"", b"{not json", "the safetensors header is not valid JSON"),
+    ("header_not_utf8", None, b"", b"\xff\xfe{}", "the safetensors header is not valid JSON"),
+]
+
+
+def _corrupt_safetensors(loader, header, data, raw):
+    import shutil
+    import tempfile
+    folder = tempfile.mkdtemp()
+    try:
+        path = _safetensors_file(folder, header, data, raw)
+        if loader == "load_safetensors":
+            with WeightStreamer("cpu") as s:
+                s.load_safetensors(path, [{"w13": "a", "w2": "b"}])
+        else:
+            from moe_swap.loader import CheckpointIndex
+            CheckpointIndex(folder)
+    finally:
+        shutil.rmtree(folder)
+
+
+def _header_length_past_the_end(loader):
+    import shutil
+    import struct
+    import tempfile
+    folder = tempfile.mkdtemp()
+    try:
+        path = _safetensors_file(folder, raw_header=b"{}")
+        with open(path, "r+b") as f:
+            f.write(struct.pack("<Q", 2**62))  # would have read (allocated) 4 EiB
+        if loader == "load_safetensors":
+            WeightStreamer("cpu").load_safetensors(path, [])
+        else:
+            from moe_swap.loader import CheckpointIndex
+            CheckpointIndex(folder)
+        open(path, "wb").close()  # an empty file
+        if loader == "load_safetensors":
+            with pytest.raises(ValueError, match="not a safetensors file"):
+                WeightStreamer("cpu").load_safetensors(path, [])
+    finally:
+        shutil.rmtree(folder)
+
+
+for _loader in ("load_safetensors", "CheckpointIndex"):
+    for _name, _header, _data, _raw, _match in _ST_CORRUPT:
+        bad(f"{_loader}/{_name}", lambda l=_loader, h=_header, d=_data, r=_raw: _corrupt_safetensors(l, h, d, r), _match,
+            ValueError)
+    bad(f"{_loader}/header_length_past_the_end", lambda l=_loader: _header_length_past_the_end(l),
+        "header length 4611686018427387904 is past the end of the file", ValueError)
+
+
+def _load_safetensors_specs(layers, match):
+    import shutil
+    import tempfile
+    folder = tempfile.mkdtemp()
+    try:
+        path = _safetensors_file(folder, _ST_GOOD, _ST_DATA)
+        with WeightStreamer("cpu") as s:
+            with pytest.raises((ValueError, KeyError), match=match):
+                s.load_safetensors(path, layers)
+            assert s.num_layers == 0
+            assert s.load_safetensors(path, [{"w13": "a", "w2": "b"}]) == [0]  # the same streamer still loads
+    finally:
+        shutil.rmtree(folder)
+
+
+for _name, _layers, _match in [
+    ("spec_not_a_dict", ["a"], r"layers\[0\] must be a dict"),
+    ("spec_w13_only", [{"w13": "a"}], r"layers\[0\] names fused experts by both 'w13' and 'w2'"),
+    ("spec_unknown_tensor", [{"w13": "a", "w2": "zzz"}], "tensor 'zzz' is not in the safetensors"),
+    ("spec_missing_keys", [{"gate": "a"}], r"layers\[0\] must have 'w13' and 'w2', or 'gate'"),
+    ("spec_num_experts_float", [{"gate": "a", "up": "a", "down": "b", "num_experts": 1.5}], "num_experts must be an int >= 1"),
+    ("spec_num_experts_zero", [{"gate": "a", "up": "a", "down": "b", "num_experts": 0}], "num_experts must be an int >= 1"),
+    ("spec_bad_pattern", [{"gate": "{x}", "up": "a", "down": "b", "num_experts": 1}], r"'\{x\}' must be a tensor name with '\{e\}'"),
+    ("spec_pattern_not_str", [{"gate": 3, "up": "a", "down": "b", "num_experts": 1}], "3 must be a tensor name"),
+    ("spec_per_expert_wrong_rank", [{"gate": "a", "up": "a", "down": "b", "num_experts": 2}], "gate must be \\[I, H\\]"),
+]:
+    good(f"load_safetensors/{_name}", lambda l=_layers, m=_match: _load_safetensors_specs(l, m))
 
 
 # ---------------------------------------------------------------- the child process
