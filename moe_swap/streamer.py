@@ -408,7 +408,8 @@ class WeightStreamer:
     def acquire_experts(self, layer: int, topk_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Copy the distinct experts in ``topk_ids`` that are not cached; returns the cache's pool
         ``(w13 [N, 2I, H], w2 [N, H, I])`` and ``expert_map`` int32 ``[E]`` (expert -> pool slot, -1
-        when not routed this step), valid until :meth:`release_experts`. The host reads the ids (on
+        when not routed this step), valid until :meth:`release_experts`; one step at a time (release
+        the previous layer's step first). The host reads the ids (on
         CUDA a device->host copy, i.e. a sync). Eager only (no fake kernel: the pool's size depends on
         the data); compiled code uses :meth:`moe`."""
         return torch.ops.moe_swap.streamer_acquire_experts(self.handle, layer, topk_ids)

@@ -241,6 +241,8 @@ for _f in (float("nan"), float("inf"), -float("inf"), 1e300):
 _route_bad("logits_none", lambda: moe_swap.topk_route(None, 2), "router_logits must be a torch.Tensor")
 _route_bad("logits_list", lambda: moe_swap.topk_route([[1.0, 2.0]], 1), "router_logits must be a torch.Tensor")
 _route_bad("logits_E0", lambda: moe_swap.topk_route(torch.randn(3, 0), 1), r"top_k must be in \[1, E\].*E = router_logits.size\(1\) = 0")
+_route_bad("logits_E_past_int32", lambda: moe_swap.topk_route(torch.zeros(2, 1).expand(2, 2**31), 2),
+           r"router_logits.size\(1\) \(the number of experts\) must fit in int32, got 2147483648")
 _route_bad("logits_bool", lambda: moe_swap.topk_route(_L() > 0, 2), "router_logits must be float32")
 _route_bad("scoring_none", lambda: moe_swap.topk_route(_L(), 2, scoring=None), "scoring")
 _route_bad("scoring_upper", lambda: moe_swap.topk_route(_L(), 2, scoring="Softmax"), "scoring must be")
@@ -666,6 +668,22 @@ st_good("write_twice_counts_once_on_demand", lambda s: (lambda i: (
     pytest.raises(RuntimeError, s.acquire_experts, i, torch.tensor([0])).match("bytes written"),
     pytest.raises(RuntimeError, torch.ops.moe_swap.streamer_host_device_views, s.handle, i).match("bytes written")))(
     s.reserve_layer((2, 8, 4), (2, 4, 4), torch.float32)), policy="on_demand", layers=0, check=False)
+def _second_step_refused(s):
+    # layer 0's step holds 4 of the 5 slots; a step of layer 1 while it is held used to take the free
+    # slot for expert 2, find no slot for 3 (INTERNAL ASSERT), and leave (1, 2) cached but never copied
+    layers = [layer() for _ in range(2)]
+    for w13, w2 in layers:
+        s.add_layer(w13, w2)
+    s.acquire_experts(0, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(RuntimeError, match="one step at a time"):
+        s.acquire_experts(1, torch.tensor([[2, 3]]))
+    s.release_experts(0)
+    w13, w2, expert_map = s.acquire_experts(1, torch.tensor([[2, 3]]))
+    for e in (2, 3):
+        assert torch.equal(w13[expert_map[e]], layers[1][0][e]) and torch.equal(w2[expert_map[e]], layers[1][1][e])
+    s.release_experts(1)
+
+
 for _policy in ("on_demand", "auto"):
     for _name, _ids, _match in [
         ("ids_-1", torch.tensor([0, -1]), r"expert ids in \[0, 4\).*got -1"),
@@ -695,6 +713,11 @@ for _policy in ("on_demand", "auto"):
            r"expert ids in \[0, 4\).*got 9", policy=_policy)
     st_bad(f"{_policy}/acquire_experts_twice", lambda s: (s.acquire_experts(0, torch.tensor([1])), s.acquire_experts(0, torch.tensor([1]))),
            "already acquired", policy=_policy)
+    st_bad(f"{_policy}/acquire_experts_while_another_layer_is_held", lambda s: (
+        s.acquire_experts(0, torch.tensor([0, 1, 2, 3])), s.acquire_experts(1, torch.tensor([[2, 3]]))),
+        r"layer 0's step is still acquired; release_experts\(0\) first", policy=_policy, check=False)
+    st_good(f"{_policy}/a_refused_second_step_leaves_the_cache_right", _second_step_refused, policy=_policy,
+            cache_bytes=5 * (12 * 8 + 8 * 6) * 4, layers=0)
     st_bad(f"{_policy}/release_experts_unacquired", lambda s: s.release_experts(1), "not acquired by acquire_experts", policy=_policy)
     st_bad(f"{_policy}/acquire_whole_layer", lambda s: s.acquire(0), "use acquire_experts", policy=_policy)
     st_bad(f"{_policy}/set_cache_bytes_negative", lambda s: torch.ops.moe_swap.streamer_set_cache_bytes(s.handle, -1),
@@ -751,6 +774,57 @@ st_good("device_ids_path/bad_layer_and_ids", lambda s: (
     pytest.raises(RuntimeError, s.moe, 0, torch.randn(1, 8), torch.rand(1, 1), torch.tensor([[0.0]])).match("int32 or int64"),
     pytest.raises(RuntimeError, s.moe, 0, torch.randn(1, 5), torch.rand(1, 1), torch.tensor([[0]])).match(r"w13.size\(2\) must equal H"),
 ), policy="on_demand", ids_path="device", cache_bytes=1 << 20)
+
+
+def _threads_share_a_streamer(policy):
+    """Several threads drive one streamer (acquire/release or moe on every layer, predict) while
+    another closes it: each call either works or raises (already acquired, ring exhausted, closed
+    handle); the process survives and nothing stays alive after the close."""
+    import threading
+    from moe_swap.streamer import live_counts
+    before = live_counts()
+    s = streamer(policy, layers=4, slots=2, **({"cache_bytes": 3 * 4 * 96 * 4} if policy != "full" else {}))
+    handle, errors, stop = s.handle, [], threading.Event()
+
+    def worker(seed):
+        g = torch.Generator().manual_seed(seed)
+        while not stop.is_set():
+            layer = int(torch.randint(0, 4, (1,), generator=g))
+            try:
+                if policy == "full":
+                    w13, w2 = torch.ops.moe_swap.streamer_acquire(handle, layer, [])
+                    float(w13.sum())  # touch the slot while others copy
+                    torch.ops.moe_swap.streamer_release(handle, layer, [])
+                else:
+                    ids = torch.randint(0, 4, (3, 2), generator=g)
+                    torch.ops.moe_swap.streamer_predict(handle, (layer + 1) % 4, ids)
+                    torch.ops.moe_swap.streamer_moe(handle, layer, torch.randn(3, 8, generator=g), torch.rand(3, 2), ids,
+                                                    "silu")
+            except RuntimeError as e:
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    import time
+    time.sleep(0.3)
+    s.close()
+    time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    expected = ("already acquired", "exhausted", "is unknown or was destroyed", "not acquired",
+                "the expert cache serves one step at a time")
+    assert all(any(x in e for x in expected) for e in errors), [e for e in errors if not any(x in e for x in expected)][:3]
+    assert any("is unknown or was destroyed" in e for e in errors)  # the workers outlived the close
+    gc_counts = live_counts()
+    assert gc_counts == before, (before, gc_counts)
+
+
+for _policy in ("full", "on_demand", "auto"):
+    good(f"WeightStreamer/{_policy}/threads_share_a_streamer_and_one_closes_it",
+         lambda p=_policy: _threads_share_a_streamer(p))
 
 
 # raw ops on handles that never existed or were destroyed
@@ -1094,6 +1168,8 @@ def _leak_round():
         moe_swap.fused_moe(**big)
     with pytest.raises(RuntimeError):
         moe_swap.topk_route(torch.randn(256, 64), 65)
+    moe_swap.topk_route(torch.randn(256, 64), 4, scoring="sigmoid", num_expert_group=8, topk_group=2,
+                        correction_bias=torch.rand(64))
     a = pull_args(E=64, C=64, ids=torch.cat([torch.arange(63), torch.tensor([64])]))
     with pytest.raises(RuntimeError):
         pull(a)

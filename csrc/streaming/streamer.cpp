@@ -672,6 +672,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
               store_.bytes_written(layer), " of its ", l.host_bytes(), " bytes written; fill it with write() first");
   TORCH_CHECK(held_slot_[layer] == kNotHeld, "acquire_experts(", layer, "): layer ", layer,
               " is already acquired; release_experts it first");
+  // One step at a time: the pool is sized for one step's working set, and a second step's misses
+  // could find every slot pinned by the first (or, under auto, copy a whole layer over its region).
+  const auto other = std::find(held_slot_.begin(), held_slot_.end(), kHeldExperts);
+  TORCH_CHECK(other == held_slot_.end(), "acquire_experts(", layer, "): layer ", other - held_slot_.begin(),
+              "'s step is still acquired; release_experts(", other - held_slot_.begin(),
+              ") first (the expert cache serves one step at a time)");
   collect_spans(/*block=*/false);
   const std::vector<int64_t>& distinct = distinct_ids_on_host("acquire_experts", layer, topk_ids);
   const int64_t distinct_count = static_cast<int64_t>(distinct.size());
