@@ -827,6 +827,151 @@ for _policy in ("full", "on_demand", "auto"):
          lambda p=_policy: _threads_share_a_streamer(p))
 
 
+class _StreamerModel:
+    """What a streamer must hold: per layer the weights written so far and which rows were written,
+    and which layers are acquired. Drives random operation sequences and checks every result."""
+
+    ALLOWED = ("already acquired", "not acquired", "exhausted", "is acquired", "one step at a time",
+               "release every layer", "already allocated", "bytes written", "not fully written")
+
+    def __init__(self, policy, mode, seed, **kwargs):
+        self.g = torch.Generator().manual_seed(seed)
+        self.policy = policy
+        self.s = WeightStreamer("cpu", policy=policy, mode=mode, **kwargs)
+        self.w = []        # per layer [w13, w2] as written
+        self.rows = []     # per layer [w13 rows written, w2 rows written] (bool [E, rows])
+        self.held = set()
+        self.shape = (4, 3, 8)  # on_demand/auto: one expert shape for every layer
+
+    def rand(self, n):
+        return int(torch.randint(0, n, (1,), generator=self.g))
+
+    def complete(self, layer):
+        return all(bool(r.all()) for r in self.rows[layer])
+
+    def expect(self, ok, call, what):
+        """call() must succeed when ok (True), fail with an allowed message when not (False); None: either."""
+        try:
+            result = call()
+        except RuntimeError as e:
+            assert ok is not True and any(a in str(e) for a in self.ALLOWED), f"{what}: unexpected error {e}"
+            return None
+        assert ok is not False, f"{what}: should have raised"
+        return result
+
+    def step(self):
+        L = len(self.w)
+        op = self.rand(10)
+        op = 1 if op == 9 else op  # writes twice as often: layers must fill up for the steps to run
+        layer = self.rand(L + 1) if L else 0  # == L: out of range
+        # mostly release what is held and acquire what is filled, so that sequences get far
+        complete = [i for i in range(L) if self.complete(i)]
+        if op == 3 and self.held and self.rand(5):
+            layer = sorted(self.held)[self.rand(len(self.held))]
+        elif op in (2, 4) and complete and self.rand(5):
+            layer = complete[self.rand(len(complete))]
+        if op == 0 or L == 0:
+            if L >= 4:
+                return
+            E, I, H = self.shape if self.policy != "full" else (1 + self.rand(5), 1 + self.rand(4), 1 + self.rand(9))
+            self.s.reserve_layer((E, 2 * I, H), (E, H, I), torch.float32)
+            self.w.append([torch.zeros(E, 2 * I, H), torch.zeros(E, H, I)])
+            self.rows.append([torch.zeros(E, 2 * I, dtype=torch.bool), torch.zeros(E, H, dtype=torch.bool)])
+        elif op == 1:  # write a random block of rows of some experts
+            if layer == L:
+                with pytest.raises(RuntimeError, match="layer must be in"):
+                    self.s.write(layer, "w13", torch.zeros(1, 1))
+                return
+            which = self.rand(2)
+            t = self.w[layer][which]
+            whole = self.rand(2) == 0
+            n = t.shape[0] if whole else 1 + self.rand(t.shape[0])
+            e0 = self.rand(t.shape[0] - n + 1)
+            r = t.shape[1] if whole else 1 + self.rand(t.shape[1])
+            r0 = self.rand(t.shape[1] - r + 1)
+            src = torch.randn(n, r, t.shape[2], generator=self.g)
+            src_view = transposed(src) if self.rand(2) else src
+            done = self.expect(None if layer in self.held else True, lambda: self.s.write(
+                layer, ("w13", "w2")[which], src_view, expert=e0, row=r0), "write")
+            if layer not in self.held:
+                t[e0:e0 + n, r0:r0 + r] = src
+                self.rows[layer][which][e0:e0 + n, r0:r0 + r] = True
+            else:
+                assert done is None
+        elif self.policy == "full" and op in (2, 3, 4):
+            if layer == L:
+                with pytest.raises(RuntimeError, match="layer must be in"):
+                    (self.s.acquire, self.s.release, self.s.prefetch)[op - 2](layer)
+                return
+            if op == 2:
+                ok = None if layer not in self.held and self.complete(layer) else False
+                got = self.expect(ok, lambda: self.s.acquire(layer), f"acquire({layer})")
+                if got is not None:
+                    assert torch.equal(got[0], self.w[layer][0]) and torch.equal(got[1], self.w[layer][1]), "stale weights"
+                    self.held.add(layer)
+            elif op == 3:
+                self.expect(layer in self.held, lambda: self.s.release(layer), f"release({layer})")
+                self.held.discard(layer)
+            else:
+                self.expect(None, lambda: self.s.prefetch(layer), "prefetch")
+        elif self.policy != "full" and op in (2, 3, 4, 5):
+            E = self.shape[0]
+            ids = torch.randint(0, E, (1 + self.rand(3), 1 + self.rand(2)), generator=self.g)
+            if layer == L:
+                with pytest.raises(RuntimeError, match="layer must be in"):
+                    self.s.moe(layer, torch.randn(1, 8), torch.rand(1, 1), torch.tensor([[0]]))
+                return
+            if op == 2:
+                ok = None if not self.held and self.complete(layer) else False
+                got = self.expect(ok, lambda: self.s.acquire_experts(layer, ids), f"acquire_experts({layer})")
+                if got is not None:
+                    w13, w2, expert_map = got
+                    for e in set(ids.flatten().tolist()):
+                        assert torch.equal(w13[expert_map[e]], self.w[layer][0][e]), "stale expert"
+                        assert torch.equal(w2[expert_map[e]], self.w[layer][1][e]), "stale expert"
+                    self.held.add(layer)
+            elif op == 3:
+                self.expect(layer in self.held, lambda: self.s.release_experts(layer), f"release_experts({layer})")
+                self.held.discard(layer)
+            elif op == 4:
+                ok = None if not self.held and self.complete(layer) else False
+                x, w = torch.randn(ids.shape[0], 8, generator=self.g), torch.rand(ids.shape, generator=self.g)
+                out = self.expect(ok, lambda: self.s.moe(layer, x, w, ids), f"moe({layer})")
+                if out is not None:
+                    torch.testing.assert_close(out, moe_swap.fused_moe(x, *self.w[layer], w, ids))
+            else:
+                self.expect(None if self.complete(layer) else False, lambda: self.s.predict(layer, ids), "predict")
+        elif op == 6:
+            self.s.synchronize()
+            stats = self.s.stats()
+            assert len(stats["layers"]) == L
+        elif op == 7:
+            self.s.cache_state()
+        elif op == 8 and L:  # the host store holds exactly what was written
+            if self.complete(layer % L):
+                h13, h2 = self.s.host_tensors(layer % L)
+                assert torch.equal(h13, self.w[layer % L][0]) and torch.equal(h2, self.w[layer % L][1])
+
+
+def _random_operation_sequences(policy, mode, **kwargs):
+    for seed in range(40):
+        model = _StreamerModel(policy, mode, seed, **kwargs)
+        try:
+            for _ in range(80):
+                model.step()
+        finally:
+            model.s.close()
+
+
+for _policy, _mode, _kwargs in [("full", "full", dict(slots=2)), ("full", "full", dict(slots=3, prefetch_depth=2)),
+                                ("full", "sync", dict(slots=1, prefetch_depth=0)), ("full", "uva", {}),
+                                ("on_demand", "full", dict(cache_bytes=3 * (24 + 24) * 4)),
+                                ("on_demand", "full", dict(cache_bytes=0, eviction="lfu")),
+                                ("auto", "full", dict(cache_bytes=9 * (24 + 24) * 4, copy_cost=(0.0, 10.0)))]:
+    good(f"WeightStreamer/{_policy}-{_mode}-{'-'.join(f'{k}{v}' for k, v in _kwargs.items())}/random_operation_sequences",
+         lambda p=_policy, m=_mode, kw=_kwargs: _random_operation_sequences(p, m, **kw))
+
+
 # raw ops on handles that never existed or were destroyed
 def _closed_handle():
     s = streamer(layers=1)
