@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import time
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -21,8 +20,9 @@ import torch
 from torch import nn
 
 from . import models
-from .offload import _check_device, _check_policy_and_mode, _offload
+from .offload import _check_device, _check_policy_and_mode, _check_schedule, _offload
 from .models import Family, MoELayer
+from .streamer import read_safetensors_header
 
 __all__ = ["load", "CheckpointIndex", "peak_host_memory"]
 
@@ -61,13 +61,8 @@ class CheckpointIndex:
             self._read_header(os.path.join(path, name))
 
     def _read_header(self, file: str) -> None:
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        data_start = 8 + header_len
+        data_start, header = read_safetensors_header(file)
         for key, info in header.items():
-            if key == "__metadata__":
-                continue
             if info["dtype"] not in _DTYPES:
                 raise ValueError(f"{file}: tensor {key!r} has dtype {info['dtype']}, which moe_swap cannot read")
             begin, end = info["data_offsets"]
@@ -245,6 +240,10 @@ def load(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_policy_and_mode(policy, mode, eviction, ids_path, copy_cost)
+    _check_schedule(slots, prefetch_depth)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None (the checkpoint's) or a floating torch.dtype such as torch.bfloat16, "
+                         f"got {dtype!r}")
     dev = _check_device(device)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"path={path!r} has no config.json (expected a Hugging Face checkpoint folder)")

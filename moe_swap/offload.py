@@ -234,6 +234,15 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
     return dev
 
 
+def _check_schedule(slots, prefetch_depth) -> None:
+    """slots: an int >= 2; prefetch_depth: an int in [0, slots - 1] (checked up front, whether or not a
+    layer ends up streamed, so a bad value never passes silently)."""
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 2:
+        raise ValueError(f"slots must be an int >= 2 (one slot computing while the next fills), got {slots!r}")
+    if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or not 0 <= prefetch_depth < slots:
+        raise ValueError(f"prefetch_depth must be an int in [0, slots - 1] = [0, {slots - 1}], got {prefetch_depth!r}")
+
+
 def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru", ids_path: str = "host",
                            copy_cost=None) -> None:
     if policy not in POLICIES:
@@ -455,6 +464,7 @@ def offload(
     if getattr(model, "moe_swap_report", None) is not None:
         raise ValueError("this model has already been offloaded by moe_swap; offload a fresh model")
     _check_policy_and_mode(policy, mode, eviction, ids_path, copy_cost)
+    _check_schedule(slots, prefetch_depth)
     dev = _check_device(device)
     family = models.family_for_config(model.config)
     layers = models.find_moe_layers(model, family)

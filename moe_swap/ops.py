@@ -56,10 +56,31 @@ def topk_route(
         +inf logit makes the whole softmax row NaN. ``T = 0`` gives empty ``[0, top_k]`` tensors.
         The weights stay float32 even where a model rounds them to its dtype (Qwen, OLMoE).
     """
+    _check_tensors(router_logits=router_logits)
     return torch.ops.moe_swap.topk_route.default(
         router_logits, top_k, scoring, renormalize, num_expert_group, topk_group,
         correction_bias, routed_scaling_factor,
     )
+
+
+def _check_tensors(**tensors) -> None:
+    """Required tensor arguments are tensors (the dispatcher's own message for an op called with no
+    tensor at all does not name the argument)."""
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_same_device(op: str, anchor: str, tensors: dict) -> None:
+    """Fake kernels: every tensor in ``tensors`` (name -> tensor or None) on the device of ``tensors[anchor]``.
+
+    The fake kernel also serves real calls in which some tensor is on the meta device (the dispatcher
+    picks the Meta kernel whenever any input is meta); without this check such a call would return an
+    uninitialised tensor, or skip the op's effect, instead of raising as the real kernel does."""
+    device = tensors[anchor].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise RuntimeError(f"{op}: {name} must be on the device of {anchor} ({device}), got {t.device}")
 
 
 @torch.library.register_fake("moe_swap::topk_route")
@@ -105,6 +126,7 @@ def fused_moe(
     range raises on CPU; on CUDA such a pair is skipped (never read out of bounds), and with
     ``set_debug(True)`` it raises instead.
     """
+    _check_tensors(hidden_states=hidden_states, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
     return torch.ops.moe_swap.fused_moe.default(
         hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation
     )
@@ -113,6 +135,9 @@ def fused_moe(
 @torch.library.register_fake("moe_swap::fused_moe")
 def _fused_moe_fake(hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu"):
     torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be 2-D, got {hidden_states.dim()}-D")
+    check_same_device("fused_moe", "hidden_states", dict(hidden_states=hidden_states, w13=w13, w2=w2,
+                                                         topk_weights=topk_weights, topk_ids=topk_ids,
+                                                         expert_map=expert_map))
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
@@ -145,6 +170,9 @@ def expert_cache_pull(
     ``set_debug(True)`` the op raises after the step, naming the first one.
     The CUDA kernel is compiled but has never run on a GPU.
     """
+    _check_tensors(topk_ids=topk_ids, host_w13=host_w13, host_w2=host_w2, pool_w13=pool_w13, pool_w2=pool_w2,
+                   slot_expert=slot_expert, slot_stamp=slot_stamp, clock=clock, expert_map=expert_map,
+                   counters=counters)
     torch.ops.moe_swap.expert_cache_pull.default(topk_ids, host_w13, host_w2, pool_w13, pool_w2, slot_base,
                                                  slot_expert, slot_stamp, clock, expert_map, counters)
 
@@ -152,6 +180,9 @@ def expert_cache_pull(
 @torch.library.register_fake("moe_swap::expert_cache_pull")
 def _expert_cache_pull_fake(topk_ids, host_w13, host_w2, pool_w13, pool_w2, slot_base, slot_expert, slot_stamp,
                             clock, expert_map, counters):
+    check_same_device("expert_cache_pull", "pool_w13", dict(
+        pool_w13=pool_w13, topk_ids=topk_ids, host_w13=host_w13, host_w2=host_w2, pool_w2=pool_w2,
+        slot_expert=slot_expert, slot_stamp=slot_stamp, clock=clock, expert_map=expert_map, counters=counters))
     return None
 
 

@@ -33,8 +33,8 @@ def parse_bytes(value: Union[int, str], name: str = "gpu_budget") -> int:
             raise ValueError(f"{name} must be >= 0 bytes, got {value}")
         return value
     if isinstance(value, float):
-        if value < 0 or value != value:
-            raise ValueError(f"{name} must be >= 0 bytes, got {value}")
+        if not (0 <= value < float("inf")):  # NaN fails this too
+            raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value}")
         return int(value)
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a byte count (int) or a string such as '20GiB', "
@@ -44,7 +44,10 @@ def parse_bytes(value: Union[int, str], name: str = "gpu_budget") -> int:
     if match is None or unit not in _UNITS:
         raise ValueError(f"{name}={value!r} is not a size; expected e.g. 20GiB, 512MB, 1.5GB or a "
                          f"number of bytes (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
-    return int(float(match.group(1)) * _UNITS[unit])
+    size = float(match.group(1)) * _UNITS[unit]
+    if size == float("inf"):
+        raise ValueError(f"{name}={value!r} is too large to be a number of bytes")
+    return int(size)
 
 
 def format_bytes(n: float) -> str:

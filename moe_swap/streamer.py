@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import numbers
+import operator
 import os
 import struct
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from .ops import check_same_device
 
 __all__ = ["WeightStreamer"]
 
@@ -42,25 +45,49 @@ IDS_PATHS = ("host", "device")
 _SPAN_KINDS = ("copy", "wait", "hold")
 
 
+def _layer_meta(op: str, handle: int, layer: int):
+    """The fake kernels' view of a layer: (w13_shape, w2_shape, dtype, device), or the error the op
+    itself would raise for an unknown handle or layer."""
+    if handle not in _LAYER_META:
+        raise RuntimeError(f"streamer handle {handle} is unknown or was destroyed (WeightStreamer used after close()?)")
+    layers = _LAYER_META[handle]
+    if not 0 <= layer < len(layers):  # no Python negative indexing: the op rejects a negative layer
+        raise RuntimeError(f"{op}({layer}): layer must be in [0, {len(layers)}), got {layer}")
+    return layers[layer]
+
+
+def _check_after(op: str, after) -> None:
+    # The fake kernels also serve real calls that pass a meta tensor (the dispatcher picks the Meta kernel
+    # whenever any input is meta): there they would skip the op, so a meta tensor in `after` is an error.
+    for t in after:
+        if t.device.type == "meta":
+            raise RuntimeError(f"{op}: `after` must hold tensors on a real device (they order the op in a compiled "
+                               f"graph), got a meta tensor of shape {list(t.shape)}")
+
+
 @torch.library.register_fake("moe_swap::streamer_acquire")
 def _acquire_fake(handle, layer, after):
-    w13_shape, w2_shape, dtype, device = _LAYER_META[handle][layer]
+    w13_shape, w2_shape, dtype, device = _layer_meta("acquire", handle, layer)
+    _check_after("acquire", after)
     return torch.empty(w13_shape, dtype=dtype, device=device), torch.empty(w2_shape, dtype=dtype, device=device)
 
 
 @torch.library.register_fake("moe_swap::streamer_host_copy")
 def _host_copy_fake(handle, layer):
-    w13_shape, w2_shape, dtype, _ = _LAYER_META[handle][layer]
+    w13_shape, w2_shape, dtype, _ = _layer_meta("host_copy", handle, layer)
     return torch.empty(w13_shape, dtype=dtype), torch.empty(w2_shape, dtype=dtype)
 
 
 @torch.library.register_fake("moe_swap::streamer_release")
 def _release_fake(handle, layer, after):
+    _layer_meta("release", handle, layer)
+    _check_after("release", after)
     return None
 
 
 @torch.library.register_fake("moe_swap::streamer_prefetch")
 def _prefetch_fake(handle, layer):
+    _layer_meta("prefetch", handle, layer)
     return None
 
 
@@ -70,11 +97,21 @@ def _prefetch_fake(handle, layer):
 @torch.library.register_fake("moe_swap::streamer_moe")
 def _moe_fake(handle, layer, hidden_states, topk_weights, topk_ids, activation="silu"):
     torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be 2-D, got {hidden_states.dim()}-D")
+    device = _layer_meta("streamer_moe", handle, layer)[3]
+    if hidden_states.device != device:
+        raise RuntimeError(f"streamer_moe({layer}): hidden_states must be on the streamer's device {device}, "
+                           f"got {hidden_states.device}")
+    check_same_device("streamer_moe", "hidden_states", dict(hidden_states=hidden_states, topk_weights=topk_weights,
+                                                            topk_ids=topk_ids))
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("moe_swap::streamer_predict")
 def _predict_fake(handle, layer, expert_ids):
+    device = _layer_meta("predict", handle, layer)[3]
+    if expert_ids.device.type != "cpu" and expert_ids.device != device:
+        raise RuntimeError(f"predict({layer}): expert_ids must be on the CPU or on the streamer's device {device}, "
+                           f"got {expert_ids.device}")
     return None
 
 
@@ -173,6 +210,10 @@ class WeightStreamer:
             raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+        _check_int64("cache_bytes", cache_bytes)
+        slots, prefetch_depth = _check_int64("slots", slots), _check_int64("prefetch_depth", prefetch_depth)
+        test_copy_delay_us = _check_int64("test_copy_delay_us", test_copy_delay_us)
+        test_fail_copy_at = _check_int64("test_fail_copy_at", test_fail_copy_at)
         if ids_path not in IDS_PATHS:
             raise ValueError(f"ids_path must be one of {', '.join(IDS_PATHS)}, got {ids_path!r}")
         if ids_path == "device" and policy == "full":
@@ -188,11 +229,11 @@ class WeightStreamer:
         self.eviction = eviction
         self.device = dev
         self.mode = mode
-        self.slots = int(slots)
-        self.prefetch_depth = int(prefetch_depth)
+        self.slots = slots
+        self.prefetch_depth = prefetch_depth
         self._handle = torch.ops.moe_swap.streamer_create(
-            str(dev), self.slots, self.prefetch_depth, mode, bool(trace), bool(timing), int(test_copy_delay_us),
-            int(test_fail_copy_at), policy, 0 if ids_path == "device" else int(cache_bytes), eviction, overhead_us,
+            str(dev), slots, prefetch_depth, mode, bool(trace), bool(timing), test_copy_delay_us,
+            test_fail_copy_at, policy, 0 if ids_path == "device" else cache_bytes, eviction, overhead_us,
             gb_per_s)
         _LAYER_META[self._handle] = []
 
@@ -305,7 +346,11 @@ class WeightStreamer:
     @staticmethod
     def _plan_layer(reader: "_SafetensorsReader", spec: dict, index: int):
         # -> (w13_shape, w2_shape, [(which, expert, row, shape, name)], dtype)
-        if "w13" in spec:
+        if not isinstance(spec, dict):
+            raise ValueError(f"layers[{index}] must be a dict of tensor names, got {type(spec).__name__} {spec!r}")
+        if "w13" in spec or "w2" in spec:
+            if not {"w13", "w2"} <= spec.keys():
+                raise ValueError(f"layers[{index}] names fused experts by both 'w13' and 'w2'; got keys {sorted(spec)}")
             w13, w2 = spec["w13"], spec["w2"]
             s13, s2 = reader.shape(w13), reader.shape(w2)
             dtype = reader.dtype(w13)
@@ -313,22 +358,32 @@ class WeightStreamer:
                 raise ValueError(f"layers[{index}]: {w13} is {dtype} but {w2} is {reader.dtype(w2)}")
             return s13, s2, [("w13", 0, 0, s13, w13), ("w2", 0, 0, s2, w2)], dtype
         try:
-            num_experts = int(spec["num_experts"])
+            num_experts = spec["num_experts"]
             gate, up, down = spec["gate"], spec["up"], spec["down"]
         except KeyError as e:
             raise ValueError(f"layers[{index}] must have 'w13' and 'w2', or 'gate', 'up', 'down' and "
                              f"'num_experts'; missing {e}") from None
-        g0 = reader.shape(gate.format(e=0))
-        d0 = reader.shape(down.format(e=0))
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"layers[{index}]: num_experts must be an int >= 1, got {num_experts!r}")
+
+        def expert_name(pattern, e: int) -> str:
+            try:
+                return pattern.format(e=e)
+            except (AttributeError, KeyError, IndexError, ValueError) as error:
+                raise ValueError(f"layers[{index}]: {pattern!r} must be a tensor name with '{{e}}' where the expert "
+                                 f"index goes ({type(error).__name__}: {error})") from None
+
+        g0 = reader.shape(expert_name(gate, 0))
+        d0 = reader.shape(expert_name(down, 0))
         if len(g0) != 2 or len(d0) != 2:
             raise ValueError(f"layers[{index}]: gate must be [I, H] and down [H, I], got {g0} and {d0}")
         inter, hidden = g0
-        dtype = reader.dtype(gate.format(e=0))
+        dtype = reader.dtype(expert_name(gate, 0))
         parts = []
         for e in range(num_experts):
-            for which, row, name, want in (("w13", 0, gate.format(e=e), (inter, hidden)),
-                                           ("w13", inter, up.format(e=e), (inter, hidden)),
-                                           ("w2", 0, down.format(e=e), (hidden, inter))):
+            for which, row, name, want in (("w13", 0, expert_name(gate, e), (inter, hidden)),
+                                           ("w13", inter, expert_name(up, e), (inter, hidden)),
+                                           ("w2", 0, expert_name(down, e), (hidden, inter))):
                 if reader.shape(name) != want:
                     raise ValueError(f"layers[{index}]: {name} must have shape {want}, got {reader.shape(name)}")
                 if reader.dtype(name) != dtype:
@@ -367,7 +422,8 @@ class WeightStreamer:
     def acquire_experts(self, layer: int, topk_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Copy the distinct experts in ``topk_ids`` that are not cached; returns the cache's pool
         ``(w13 [N, 2I, H], w2 [N, H, I])`` and ``expert_map`` int32 ``[E]`` (expert -> pool slot, -1
-        when not routed this step), valid until :meth:`release_experts`. The host reads the ids (on
+        when not routed this step), valid until :meth:`release_experts`; one step at a time (release
+        the previous layer's step first). The host reads the ids (on
         CUDA a device->host copy, i.e. a sync). Eager only (no fake kernel: the pool's size depends on
         the data); compiled code uses :meth:`moe`."""
         return torch.ops.moe_swap.streamer_acquire_experts(self.handle, layer, topk_ids)
@@ -620,6 +676,20 @@ class _DeviceRegion:
                 "predicted_used": predicted_used, "bytes_copied": (misses + copied_ahead) * self.expert_bytes}
 
 
+def _check_int64(name: str, value) -> int:
+    """An integer argument as a Python int: any integer type but bool (no silent truncation of 2.5 or
+    parsing of "3"), within int64 (what the op takes)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
+
+
 def _check_copy_cost(copy_cost, policy: str) -> tuple[Optional[float], Optional[float]]:
     """``copy_cost`` -> (overhead_us, gb_per_s), both None when it is None."""
     if copy_cost is None:
@@ -652,6 +722,54 @@ _ST_DTYPES = {
 }
 
 
+# bytes per element of every safetensors dtype code (readers still decide which codes they support)
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def read_safetensors_header(path) -> tuple[int, dict[str, dict]]:
+    """A safetensors file's header, checked against the file: ``(data_start, {name: entry})``, each
+    entry's ``shape`` a list of ints >= 0 and its ``data_offsets`` ``[begin, end]`` inside the data,
+    ``end - begin`` the shape's bytes. A corrupt or truncated file is a ValueError naming the file
+    and the tensor, never a read outside a tensor's bytes."""
+    path = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise ValueError(f"{path}: safetensors header length {header_len} is past the end of the file "
+                             f"({size} bytes): truncated or not a safetensors file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}")
+    data_start, data_len = 8 + header_len, size - 8 - header_len
+    entries = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+            raise ValueError(f"{where} must have 'dtype', 'shape' and 'data_offsets', got {meta!r}")
+        shape, offsets = meta["shape"], meta["data_offsets"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"{where}: shape must be a list of ints >= 0, got {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise ValueError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end <= {data_len} "
+                             f"(the file's data bytes), got {offsets!r}")
+        itemsize = _ST_ITEMSIZE.get(meta["dtype"])
+        if itemsize is not None and offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+            raise ValueError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape {shape} "
+                             f"of {meta['dtype']} needs {math.prod(shape) * itemsize}")
+        entries[name] = meta
+    return data_start, entries
+
+
 class _SafetensorsReader:
     """Reads safetensors files (header: u64 length + JSON; then the data) through a private memory
     map, handing out one zero-copy tensor at a time and dropping its pages after use."""
@@ -664,14 +782,12 @@ class _SafetensorsReader:
         try:
             for path in files:
                 path = Path(path)
+                data_start, header = read_safetensors_header(path)
                 with open(path, "rb") as f:
-                    (header_len,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(header_len))
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                self._maps.append((path, mm, 8 + header_len))
+                self._maps.append((path, mm, data_start))
                 for name, meta in header.items():
-                    if name != "__metadata__":
-                        self._index[name] = (len(self._maps) - 1, meta)
+                    self._index[name] = (len(self._maps) - 1, meta)
         except Exception:
             self.close()
             raise

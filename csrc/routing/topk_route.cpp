@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -19,7 +20,7 @@ namespace routing {
 
 Scoring check_topk_route_args(const at::Tensor& router_logits, int64_t top_k, c10::string_view scoring,
                               int64_t num_expert_group, int64_t topk_group,
-                              const std::optional<at::Tensor>& correction_bias) {
+                              const std::optional<at::Tensor>& correction_bias, double routed_scaling_factor) {
   MOE_SWAP_CHECK_DIM(router_logits, 2);
   MOE_SWAP_CHECK_FLOATING(router_logits);
   const int64_t num_experts = router_logits.size(1);
@@ -44,6 +45,9 @@ Scoring check_topk_route_args(const at::Tensor& router_logits, int64_t top_k, c1
   TORCH_CHECK(top_k <= kept_experts, "top_k must be <= topk_group * E / num_expert_group = ", topk_group, " * ",
               num_experts, " / ", num_expert_group, " = ", kept_experts, " (the experts left after the group limit), got ",
               top_k);
+  // The kernels scale in float32: a factor that is not finite there would make every weight inf or NaN.
+  TORCH_CHECK(std::isfinite(static_cast<float>(routed_scaling_factor)),
+              "routed_scaling_factor must be a finite float32 number, got ", routed_scaling_factor);
   if (correction_bias.has_value()) {
     const at::Tensor& bias = *correction_bias;
     TORCH_CHECK(bias.dim() == 1 && bias.size(0) == num_experts,
@@ -143,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor> topk_route_cpu(const at::Tensor& router_logit
                                                   double routed_scaling_factor) {
   using namespace routing;
   const Scoring parsed =
-      check_topk_route_args(router_logits, top_k, scoring, num_expert_group, topk_group, correction_bias);
+      check_topk_route_args(router_logits, top_k, scoring, num_expert_group, topk_group, correction_bias,
+                            routed_scaling_factor);
   const int64_t num_tokens = router_logits.size(0);
   const int64_t num_experts = router_logits.size(1);
   at::Tensor topk_weights = at::empty({num_tokens, top_k}, router_logits.options().dtype(at::kFloat));

@@ -150,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor> topk_route_cuda(const at::Tensor& router_logi
                                                    double routed_scaling_factor) {
   using namespace routing;
   const Scoring parsed =
-      check_topk_route_args(router_logits, top_k, scoring, num_expert_group, topk_group, correction_bias);
+      check_topk_route_args(router_logits, top_k, scoring, num_expert_group, topk_group, correction_bias,
+                            routed_scaling_factor);
   TORCH_CHECK(top_k <= kMaxTopKCuda, "top_k must be <= ", kMaxTopKCuda, " on CUDA (one warp lane per pick), got ",
               top_k);
   const int64_t group_bytes_per_warp = num_expert_group > 1 ? num_expert_group * int64_t{sizeof(uint64_t)} : 0;

@@ -15,7 +15,7 @@ enum class Scoring { kSoftmax, kSigmoid };
 // came) and returns the parsed scoring function. Does not look at the data, so it never syncs.
 Scoring check_topk_route_args(const at::Tensor& router_logits, int64_t top_k, c10::string_view scoring,
                               int64_t num_expert_group, int64_t topk_group,
-                              const std::optional<at::Tensor>& correction_bias);
+                              const std::optional<at::Tensor>& correction_bias, double routed_scaling_factor);
 
 // Weights added for the renormalisation denominator, as DeepSeek-V3 does: all-zero sigmoid weights
 // stay 0 rather than NaN; a no-op in float32 for softmax weights (their sum is at least 1/E).

@@ -49,8 +49,11 @@ int64_t check_expert_cache_pull(const at::Tensor& topk_ids, const at::Tensor& ho
   TORCH_CHECK(expert_map.dim() == 1 && expert_map.size(0) == E, "expert_map must be [", E, "] (one per expert), got ",
               shape_str(expert_map));
   TORCH_CHECK(counters.numel() == 2, "counters must hold 2 elements (hits, misses), got shape ", shape_str(counters));
-  TORCH_CHECK(slot_base >= 0 && slot_base + C <= pool_w13.size(0), "the region [slot_base, slot_base + ", C,
-              ") = [", slot_base, ", ", slot_base + C, ") must lie in the pool's ", pool_w13.size(0), " slots");
+  // slot_base <= N - C, not slot_base + C <= N: a huge slot_base must not wrap around past the check
+  TORCH_CHECK(slot_base >= 0 && C <= pool_w13.size(0) && slot_base <= pool_w13.size(0) - C,
+              "slot_base must place the region of ", C, " slots (slot_expert.size(0)) inside the pool: [slot_base, "
+              "slot_base + ", C, ") must lie in the pool's ", pool_w13.size(0), " slots (pool_w13.size(0)), got slot_base = ",
+              slot_base);
   const int64_t working_set = std::min<int64_t>(E, topk_ids.numel());
   TORCH_CHECK(C >= working_set, "the region has ", C, " slots but a step may route ", working_set,
               " distinct experts (min(E, topk_ids.numel())); give the layer at least that many slots");
@@ -89,10 +92,15 @@ void expert_cache_pull_cpu(const at::Tensor& topk_ids, const at::Tensor& host_w1
   int64_t* count = counters.data_ptr<int64_t>();
   const int64_t now = ++*clock.data_ptr<int64_t>();
   for (int64_t e = 0; e < E; ++e) map[e] = -1;
+  // Slots this step uses (hits, then the misses' victims) are never victims. Tracked here rather than
+  // read off the stamps, as the CUDA kernel does: stamps the caller set to `now` or beyond must not
+  // leave a miss without a slot.
+  std::vector<char> used(C, 0);
   for (int64_t s = 0; s < C; ++s) {  // hits
     const int32_t e = holds[s];
-    if (e >= 0 && e < E && needed[e]) {
+    if (e >= 0 && e < E && needed[e] == 1) {  // a slot repeating an expert already hit is no hit (free)
       needed[e] = 2;
+      used[s] = 1;
       stamp[s] = now;
       map[e] = static_cast<int32_t>(slot_base + s);
       ++count[0];
@@ -105,13 +113,14 @@ void expert_cache_pull_cpu(const at::Tensor& topk_ids, const at::Tensor& host_w1
     if (needed[e] != 1) continue;
     int64_t victim = -1;
     for (int64_t s = 0; s < C; ++s) {
-      if (stamp[s] == now && holds[s] >= 0) continue;
+      if (used[s]) continue;
       if (victim < 0 || (holds[s] < 0 && holds[victim] >= 0) ||
           ((holds[s] < 0) == (holds[victim] < 0) && stamp[s] < stamp[victim])) {
         victim = s;
       }
     }
     TORCH_INTERNAL_ASSERT(victim >= 0, "expert_cache_pull: no slot (the region size was checked)");
+    used[victim] = 1;
     holds[victim] = static_cast<int32_t>(e);
     stamp[victim] = now;
     map[e] = static_cast<int32_t>(slot_base + victim);

@@ -69,7 +69,9 @@ int64_t HostStore::reserve(StreamBackend& backend, at::IntArrayRef w13_shape, at
   TORCH_CHECK(layout.w2_bytes <= SIZE_MAX - layout.w13_bytes, "HostStore: layer of shapes ", w13_shape, " and ",
               w2_shape, " is too large to address");
 
-  Entry entry{layout, {backend.allocate_host(layout.w13_bytes), backend.allocate_host(layout.w2_bytes)}, 0};
+  Entry entry{layout, {backend.allocate_host(layout.w13_bytes), backend.allocate_host(layout.w2_bytes)}, 0, {}};
+  entry.row_written[0].assign(static_cast<size_t>(E * 2 * I), false);
+  entry.row_written[1].assign(static_cast<size_t>(E * H), false);
   layers_.push_back(std::move(entry));
   host_bytes_ += layout.host_bytes();
   for (int which = 0; which < 2; ++which) max_bytes_[which] = std::max(max_bytes_[which], layout.bytes(which));
@@ -104,7 +106,21 @@ void HostStore::write(int64_t layer, int64_t which, int64_t expert_start, int64_
   TORCH_CHECK(row_offset >= 0 && rows <= dst_full.size(1) && row_offset <= dst_full.size(1) - rows, "rows [",
               row_offset, ", ", row_offset, " + ", rows, ") must lie in [0, ", dst_full.size(1), ") of ", name);
   dst_full.narrow(0, expert_start, n).narrow(1, row_offset, rows).copy_(src3);
-  layers_[layer].bytes_written += static_cast<size_t>(src3.numel()) * c10::elementSize(l.dtype);
+  // Count only rows not written before, so that writing a part twice cannot make a layer with
+  // unwritten parts look complete.
+  std::vector<bool>& written = layers_[layer].row_written[which];
+  const int64_t rows_per_expert = dst_full.size(1);
+  size_t new_rows = 0;
+  for (int64_t e = expert_start; e < expert_start + n; ++e) {
+    for (int64_t r = row_offset; r < row_offset + rows; ++r) {
+      const size_t flag = static_cast<size_t>(e * rows_per_expert + r);
+      if (!written[flag]) {
+        written[flag] = true;
+        ++new_rows;
+      }
+    }
+  }
+  layers_[layer].bytes_written += new_rows * static_cast<size_t>(cols) * c10::elementSize(l.dtype);
 }
 
 }  // namespace moe_swap::streaming

@@ -42,7 +42,8 @@ class HostStore {
   const LayerLayout& layout(int64_t layer) const { return layers_[layer].layout; }
   // which: 0 w13, 1 w2
   const std::shared_ptr<HostBlock>& block(int64_t layer, int64_t which) const { return layers_[layer].blocks[which]; }
-  // Bytes written into the layer so far (a layer is used only once it has all its bytes).
+  // Distinct bytes written into the layer so far (a layer is used only once it has all its bytes;
+  // writing the same rows twice counts them once).
   size_t bytes_written(int64_t layer) const { return layers_[layer].bytes_written; }
   size_t host_bytes() const { return host_bytes_; }
   // The largest w13 / w2 of any layer: what a scratch-ring slot must hold.
@@ -55,6 +56,8 @@ class HostStore {
     LayerLayout layout;
     std::shared_ptr<HostBlock> blocks[2];
     size_t bytes_written = 0;
+    // per block, one flag per [H]- or [I]-wide row (expert-major): written at least once
+    std::vector<bool> row_written[2];
   };
   std::vector<Entry> layers_;
   size_t host_bytes_ = 0;

@@ -533,12 +533,18 @@ const std::vector<int64_t>& Streamer::distinct_ids_on_host(const char* op, int64
   return distinct_;
 }
 
-// The pool holds max(cache capacity, the largest step's distinct experts) slots: a step never fails
-// for lack of room (a zero-byte cache still works: its step's experts live in working-set slots that
-// are emptied when the step ends). Growing re-allocates the pool, so it drains the copy engine and
-// forgets what was cached (counted as evictions); it happens only when a step needs more than ever before.
+// The pool holds max(cache capacity, the largest step's distinct experts) slots, the capacity capped
+// at what the layers can use: a step never fails for lack of room (a zero-byte cache still works: its
+// step's experts live in working-set slots that are emptied when the step ends). Growing re-allocates
+// the pool, so it drains the copy engine and forgets what was cached (counted as evictions); it happens
+// only when a step needs more than ever before, or a layer added after the first step raised the cap.
 void Streamer::ensure_pool(int64_t slots_needed) {
-  const int64_t n = std::max(cache_.capacity(), slots_needed);
+  // The cache never holds more than one slot per (layer, expert), nor (auto) more than two layer
+  // regions need: a budget beyond that allocates no pool it could never use.
+  int64_t useful = 0;
+  for (int64_t l = 0; l < store_.num_layers(); ++l) useful += store_.layout(l).num_experts;
+  if (policy_ == Policy::kAuto) useful = std::max(useful, 2 * max_layer_experts_);
+  const int64_t n = std::max(std::min(cache_.capacity(), useful), slots_needed);
   if (pool_memory_[0].defined() && cache_.num_slots() >= n) return;
   backend_->drain();
   for (int64_t i = 0; i < cache_.num_slots(); ++i) {
@@ -666,6 +672,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
               store_.bytes_written(layer), " of its ", l.host_bytes(), " bytes written; fill it with write() first");
   TORCH_CHECK(held_slot_[layer] == kNotHeld, "acquire_experts(", layer, "): layer ", layer,
               " is already acquired; release_experts it first");
+  // One step at a time: the pool is sized for one step's working set, and a second step's misses
+  // could find every slot pinned by the first (or, under auto, copy a whole layer over its region).
+  const auto other = std::find(held_slot_.begin(), held_slot_.end(), kHeldExperts);
+  TORCH_CHECK(other == held_slot_.end(), "acquire_experts(", layer, "): layer ", other - held_slot_.begin(),
+              "'s step is still acquired; release_experts(", other - held_slot_.begin(),
+              ") first (the expert cache serves one step at a time)");
   collect_spans(/*block=*/false);
   const std::vector<int64_t>& distinct = distinct_ids_on_host("acquire_experts", layer, topk_ids);
   const int64_t distinct_count = static_cast<int64_t>(distinct.size());

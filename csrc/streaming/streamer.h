@@ -88,7 +88,8 @@ class Streamer {
   // ---- policy on_demand ----
   // Copy the distinct experts in `topk_ids` that are not cached into the pool; the current stream
   // waits for them. Returns the pool (w13 [N, 2I, H], w2 [N, H, I]) and expert_map int32 [E]
-  // (expert -> pool slot, -1 not routed this step), for fused_moe. Valid until release_experts.
+  // (expert -> pool slot, -1 not routed this step), for fused_moe. Valid until release_experts; one
+  // step at a time (another layer's step must be released first).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> acquire_experts(int64_t layer, const at::Tensor& topk_ids);
   // The step is over: its slots may be reused once the work queued so far on the current stream is done.
   void release_experts(int64_t layer);
