@@ -80,15 +80,18 @@ TORCH_LIBRARY(moe_swap, m) {
   m.def("streamer_live_counts() -> int[]");
   // on_demand: copy the routed experts not cached (host reads topk_ids: a sync on CUDA); returns the
   // expert cache's pool w13 [N,2I,H], w2 [N,H,I] and expert_map int32 [E] (-1: not routed), valid
-  // until streamer_release_experts.
-  m.def("streamer_acquire_experts(int handle, int layer, Tensor topk_ids) -> (Tensor w13, Tensor w2, Tensor expert_map)");
+  // until streamer_release_experts. next_ids (with next_layer): a guess at that layer's routing,
+  // predicted (as streamer_predict) after this step's own copies are issued.
+  m.def(
+      "streamer_acquire_experts(int handle, int layer, Tensor topk_ids, int next_layer=-1, Tensor? next_ids=None) "
+      "-> (Tensor w13, Tensor w2, Tensor expert_map)");
   // on_demand: the step's experts may be evicted once the current stream's work so far is done.
   m.def("streamer_release_experts(int handle, int layer, Tensor[] after) -> ()");
   // on_demand, one opaque op (traces with a shape-only fake kernel): acquire_experts, fused_moe on
   // the pool with the expert_map, release_experts.
   m.def(
       "streamer_moe(int handle, int layer, Tensor hidden_states, Tensor topk_weights, Tensor topk_ids, "
-      "str activation=\"silu\") -> Tensor");
+      "str activation=\"silu\", int next_layer=-1, Tensor? next_ids=None) -> Tensor");
   // on_demand: start copying the experts in expert_ids (the layer's predicted routing) ahead; a hint.
   m.def("streamer_predict(int handle, int layer, Tensor expert_ids) -> ()");
   // on_demand: ([pool slots, capacity slots, occupied slots, bytes per expert], (layer, expert) per slot [N, 2]).

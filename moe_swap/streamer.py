@@ -95,14 +95,14 @@ def _prefetch_fake(handle, layer):
 # routed experts, fused_moe on the cache, release -- is one opaque op; its output is shaped like the
 # hidden states, so it traces under torch.compile(fullgraph=True) without a graph break.
 @torch.library.register_fake("moe_swap::streamer_moe")
-def _moe_fake(handle, layer, hidden_states, topk_weights, topk_ids, activation="silu"):
+def _moe_fake(handle, layer, hidden_states, topk_weights, topk_ids, activation="silu", next_layer=-1, next_ids=None):
     torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be 2-D, got {hidden_states.dim()}-D")
     device = _layer_meta("streamer_moe", handle, layer)[3]
     if hidden_states.device != device:
         raise RuntimeError(f"streamer_moe({layer}): hidden_states must be on the streamer's device {device}, "
                            f"got {hidden_states.device}")
     check_same_device("streamer_moe", "hidden_states", dict(hidden_states=hidden_states, topk_weights=topk_weights,
-                                                            topk_ids=topk_ids))
+                                                            topk_ids=topk_ids, next_ids=next_ids))
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
@@ -419,14 +419,16 @@ class WeightStreamer:
         return torch.ops.moe_swap.streamer_host_copy(self.handle, layer)
 
     # ---- policy on_demand ----
-    def acquire_experts(self, layer: int, topk_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def acquire_experts(self, layer: int, topk_ids: Tensor, next_layer: Optional[int] = None,
+                        next_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Copy the distinct experts in ``topk_ids`` that are not cached; returns the cache's pool
         ``(w13 [N, 2I, H], w2 [N, H, I])`` and ``expert_map`` int32 ``[E]`` (expert -> pool slot, -1
         when not routed this step), valid until :meth:`release_experts`; one step at a time (release
-        the previous layer's step first). The host reads the ids (on
-        CUDA a device->host copy, i.e. a sync). Eager only (no fake kernel: the pool's size depends on
-        the data); compiled code uses :meth:`moe`."""
-        return torch.ops.moe_swap.streamer_acquire_experts(self.handle, layer, topk_ids)
+        the previous layer's step first). The host reads the ids (on CUDA a device->host copy, i.e. a
+        sync). ``next_layer``/``next_ids``: see :meth:`moe`. Eager only (no fake kernel: the pool's
+        size depends on the data); compiled code uses :meth:`moe`."""
+        return torch.ops.moe_swap.streamer_acquire_experts(self.handle, layer, topk_ids,
+                                                           *_next_guess(next_layer, next_ids))
 
     def release_experts(self, layer: int, after: Sequence[Tensor] = ()) -> None:
         """End the layer's step: its slots may be reused once the current stream's work so far is
@@ -434,16 +436,28 @@ class WeightStreamer:
         torch.ops.moe_swap.streamer_release_experts(self.handle, layer, list(after))
 
     def moe(self, layer: int, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor,
-            activation: str = "silu") -> Tensor:
+            activation: str = "silu", next_layer: Optional[int] = None, next_ids: Optional[Tensor] = None) -> Tensor:
         """One on_demand MoE step: acquire the routed experts, ``fused_moe`` on the cache with the
         ``expert_map``, release. One opaque op: traces under ``torch.compile(fullgraph=True)``.
         With ``ids_path="device"``: ``expert_cache_pull`` then ``fused_moe`` on the layer's region
-        when the step fits it (two ops, no host sync), else the host path."""
+        when the step fits it (two ops, no host sync), else the host path.
+
+        ``next_layer``, ``next_ids``: a guess at another layer's next routing (e.g. that layer's router
+        on this layer's input), predicted as by :meth:`predict`, but ordered for overlap: on the host
+        path its copies are issued after this step's own (the copy engine runs copies in issue order,
+        so a :meth:`predict` just before the step would delay it) and run under this step's compute;
+        a device region's guess is pulled first, on its side stream, beside this step."""
+        guess = _next_guess(next_layer, next_ids)
         region = self._region(layer)
-        if region is not None and region.fits(topk_ids):
+        this_on_region = region is not None and region.fits(topk_ids)
+        if next_ids is not None and (this_on_region or self._region(next_layer) is not None):
+            # the guess is not the host path's to order after this step: predict it now
+            self.predict(next_layer, next_ids)
+            guess = (-1, None)
+        if this_on_region:
             return region.moe(hidden_states, topk_weights, topk_ids, activation)
         return torch.ops.moe_swap.streamer_moe(self.handle, layer, hidden_states, topk_weights, topk_ids,
-                                               activation)
+                                               activation, *guess)
 
     def predict(self, layer: int, expert_ids: Tensor) -> None:
         """Start copying the experts in ``expert_ids`` (a guess at ``layer``'s next routing) that are
@@ -582,6 +596,18 @@ class WeightStreamer:
             return "WeightStreamer(closed)"
         return (f"WeightStreamer(device={str(self.device)!r}, slots={self.slots}, prefetch_depth={self.prefetch_depth}, "
                 f"mode={self.mode!r}, policy={self.policy!r}, layers={self.num_layers}, host_bytes={self.host_bytes})")
+
+
+def _next_guess(next_layer: Optional[int], next_ids: Optional[Tensor]) -> tuple[int, Optional[Tensor]]:
+    """``(next_layer, next_ids)`` as the ops take them: both given, or neither (``-1, None``)."""
+    if (next_layer is None) != (next_ids is None):
+        raise ValueError(f"next_layer and next_ids go together: got next_layer={next_layer!r} and next_ids "
+                         f"{'None' if next_ids is None else 'a tensor'}")
+    if next_layer is None:
+        return -1, None
+    if isinstance(next_layer, bool) or not isinstance(next_layer, int):
+        raise ValueError(f"next_layer must be an int, got {next_layer!r}")
+    return next_layer, next_ids
 
 
 class _DeviceRegion:

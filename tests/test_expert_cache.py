@@ -109,7 +109,11 @@ def test_every_expert_used_in_a_step_holds_that_experts_weights(experts, top_k, 
                 ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).int()
                 if step % 3 == 2 and layer + 1 < num_layers:  # sometimes a (random) prediction for the next layer
                     s.predict(layer + 1, torch.randint(0, experts, (3,), generator=gen))
-                w13, w2, expert_map = s.acquire_experts(layer, ids)
+                guess = {}
+                if step % 3 == 1 and num_layers > 1:  # or one issued after the step's own copies
+                    guess = dict(next_layer=(layer + 1) % num_layers,
+                                 next_ids=torch.randint(0, experts, (3,), generator=gen))
+                w13, w2, expert_map = s.acquire_experts(layer, ids, **guess)
                 routed = set(ids.flatten().tolist())
                 for e in range(experts):
                     slot = int(expert_map[e])
@@ -203,6 +207,63 @@ def test_prediction_turns_misses_into_hits_and_reports_recall():
         layer1 = s.stats()["layers"][1]
         assert layer1["predicted"] == 3 and layer1["predicted_used"] == 2 and layer1["expert_misses"] == 1
         assert layer1["prediction_recall"] == pytest.approx(2 / 3)
+
+
+def test_a_guess_given_with_the_step_copies_after_the_steps_own_experts():
+    """moe(layer, ..., next_layer, next_ids): the guess is copied behind the step's own copies (so on
+    one copy engine it runs under the step's compute), where predict() just before the step would be
+    copied first and delay it. Copy spans record (layer, channel): 0 demand, 1 prediction."""
+    layers = random_layers(2, 8)
+    ids, guess = torch.tensor([[1, 4]], dtype=torch.int32), torch.tensor([[2, 5, 7]])
+    for combined in (True, False):
+        with on_demand(layers, cache_experts=8, trace=True, test_copy_delay_us=2000) as s:
+            x, weights = torch.randn(1, 16), torch.rand(1, 2)
+            s.moe(0, x, weights, torch.tensor([[0, 3]], dtype=torch.int32))  # allocates the pool
+            s.synchronize()
+            if combined:
+                out = s.moe(0, x, weights, ids, next_layer=1, next_ids=guess)
+            else:
+                s.predict(1, guess)
+                out = s.moe(0, x, weights, ids)
+            torch.testing.assert_close(out, fused_moe(x, *layers[0], weights, ids))
+            s.synchronize()
+            spans = s.stats()["trace"]
+            copies = sorted((sp for sp in spans if sp["kind"] == "copy"), key=lambda sp: sp["start_us"])[1:]
+            assert [(sp["layer"], sp["slot"]) for sp in copies] == ([(0, 0), (1, 1)] if combined else [(1, 1), (0, 0)])
+            wait = max((sp for sp in spans if sp["kind"] == "wait" and sp["layer"] == 0), key=lambda sp: sp["start_us"])
+            if combined:  # the step waited for its own copy only; the guess's copy ended after
+                assert wait["end_us"] < copies[1]["end_us"]
+            # the guess turns layer 1's step into hits (5 and 7), one miss (3)
+            out1 = s.moe(1, x, weights, torch.tensor([[5, 3]], dtype=torch.int32))
+            torch.testing.assert_close(out1, fused_moe(x, *layers[1], weights, torch.tensor([[5, 3]], dtype=torch.int32)))
+            layer1 = s.stats()["layers"][1]
+            assert (layer1["predicted"], layer1["predicted_used"], layer1["expert_misses"]) == (3, 1, 1)
+
+
+def test_a_guess_with_the_step_is_checked_before_the_step_changes_anything():
+    layers = random_layers(2, 8)
+    ids = torch.tensor([[1, 4]], dtype=torch.int32)
+    with on_demand(layers, cache_experts=4) as s:
+        x, weights = torch.randn(1, 16), torch.rand(1, 2)
+        s.moe(0, x, weights, ids)
+        def state():  # the cache and every count (not the times: reading the ids is timed even when they fail)
+            return s.cache_state()["entries"], [{k: v for k, v in layer.items() if not k.endswith("_ms")}
+                                                for layer in s.stats()["layers"]]
+        before = state()
+        with pytest.raises(ValueError, match="next_layer and next_ids go together"):
+            s.moe(0, x, weights, ids, next_layer=1)
+        with pytest.raises(RuntimeError, match="next_layer must be another layer than the step's"):
+            s.moe(0, x, weights, ids, next_layer=0, next_ids=ids)
+        with pytest.raises(RuntimeError, match="layer 2 out of range|layer must be in"):
+            s.moe(0, x, weights, ids, next_layer=2, next_ids=ids)
+        with pytest.raises(RuntimeError, match=r"next_ids must be expert ids in \[0, 8\) .*got 8"):
+            s.moe(0, x, weights, ids, next_layer=1, next_ids=torch.tensor([[8]]))
+        with pytest.raises(RuntimeError, match="without next_ids"):  # the op itself, past the Python check
+            torch.ops.moe_swap.streamer_acquire_experts(s.handle, 0, ids, 1, None)
+        assert state() == before
+        # and the streamer still works, guess included
+        torch.testing.assert_close(s.moe(0, x, weights, ids, next_layer=1, next_ids=ids),
+                                   fused_moe(x, *layers[0], weights, ids))
 
 
 def test_a_failed_copy_raises_and_the_next_step_recovers():

@@ -492,13 +492,13 @@ namespace {
 // Appends each id's first occurrence to `distinct`, marking it in `seen` (all zero on entry; the caller
 // clears the marks of `distinct` after).
 template <typename id_t>
-void collect_distinct(const char* op, int64_t layer, const id_t* v, int64_t n, int64_t num_experts,
+void collect_distinct(const char* op, const char* arg, int64_t layer, const id_t* v, int64_t n, int64_t num_experts,
                       std::vector<char>& seen, std::vector<int64_t>& distinct) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t e = static_cast<int64_t>(v[i]);
     if (e < 0 || e >= num_experts) {
       for (int64_t d : distinct) seen[d] = 0;  // leave the marks clear for the next call
-      TORCH_CHECK(false, op, "(", layer, "): topk_ids must be expert ids in [0, ", num_experts, ") (layer ", layer,
+      TORCH_CHECK(false, op, "(", layer, "): ", arg, " must be expert ids in [0, ", num_experts, ") (layer ", layer,
                   " has ", num_experts, " experts), got ", e, " at flat position ", i);
     }
     if (!seen[e]) {
@@ -510,12 +510,13 @@ void collect_distinct(const char* op, int64_t layer, const id_t* v, int64_t n, i
 
 }  // namespace
 
-const std::vector<int64_t>& Streamer::distinct_ids_on_host(const char* op, int64_t layer, const at::Tensor& ids) {
-  TORCH_CHECK(ids.defined(), op, "(", layer, "): topk_ids is undefined");
-  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op, "(", layer,
-              "): topk_ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK(ids.device().is_cpu() || ids.device() == backend_->device(), op, "(", layer,
-              "): topk_ids must be on the CPU or on the streamer's device ", backend_->device(), ", got ", ids.device());
+const std::vector<int64_t>& Streamer::distinct_ids_on_host(const char* op, int64_t layer, const at::Tensor& ids,
+                                                           const char* arg) {
+  TORCH_CHECK(ids.defined(), op, "(", layer, "): ", arg, " is undefined");
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op, "(", layer, "): ", arg,
+              " must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.device().is_cpu() || ids.device() == backend_->device(), op, "(", layer, "): ", arg,
+              " must be on the CPU or on the streamer's device ", backend_->device(), ", got ", ids.device());
   const auto t0 = std::chrono::steady_clock::now();
   // On CUDA this is the device->host copy that makes the host wait for the router: measured below.
   // Read as they come (int32 or int64): no conversion, no copy on the CPU when already contiguous.
@@ -525,9 +526,9 @@ const std::vector<int64_t>& Streamer::distinct_ids_on_host(const char* op, int64
   const int64_t E = store_.layout(layer).num_experts;
   distinct_.clear();
   if (host.scalar_type() == at::kInt) {
-    collect_distinct(op, layer, host.data_ptr<int32_t>(), host.numel(), E, routed_seen_, distinct_);
+    collect_distinct(op, arg, layer, host.data_ptr<int32_t>(), host.numel(), E, routed_seen_, distinct_);
   } else {
-    collect_distinct(op, layer, host.data_ptr<int64_t>(), host.numel(), E, routed_seen_, distinct_);
+    collect_distinct(op, arg, layer, host.data_ptr<int64_t>(), host.numel(), E, routed_seen_, distinct_);
   }
   for (int64_t e : distinct_) routed_seen_[e] = 0;
   return distinct_;
@@ -662,7 +663,9 @@ void Streamer::issue_expert_plan(CopyPlan& plan, int channel) {
   backend_->issue_copy(plan);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t layer, const at::Tensor& topk_ids) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t layer, const at::Tensor& topk_ids,
+                                                                   int64_t next_layer,
+                                                                   const std::optional<at::Tensor>& next_ids) {
   std::lock_guard<std::mutex> lock(mu_);
   check_layer("acquire_experts", layer);
   TORCH_CHECK(policy_ != Policy::kFull, "acquire_experts(", layer,
@@ -679,7 +682,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
               "'s step is still acquired; release_experts(", other - held_slot_.begin(),
               ") first (the expert cache serves one step at a time)");
   collect_spans(/*block=*/false);
-  const std::vector<int64_t>& distinct = distinct_ids_on_host("acquire_experts", layer, topk_ids);
+  // The guess at the next layer, checked and read before anything changes (its router ran before
+  // this step: reading it first costs the host no extra wait on CUDA).
+  next_distinct_.clear();
+  const bool guess = next_ids.has_value() && next_ids->defined();
+  if (guess) {
+    check_layer("acquire_experts(next_layer)", next_layer);
+    TORCH_CHECK(next_layer != layer, "acquire_experts(", layer, "): next_layer must be another layer than the step's (",
+                layer, "); this step copies its routed experts itself");
+    TORCH_CHECK(store_.bytes_written(next_layer) >= store_.layout(next_layer).host_bytes(), "acquire_experts(", layer,
+                "): next_layer ", next_layer, " is not fully written yet");
+    next_distinct_ = distinct_ids_on_host("acquire_experts", next_layer, *next_ids, "next_ids");
+  } else {
+    TORCH_CHECK(next_layer == -1, "acquire_experts(", layer, "): next_layer=", next_layer,
+                " without next_ids (give both, or neither)");
+  }
+  const std::vector<int64_t>& distinct = distinct_ids_on_host("acquire_experts", layer, topk_ids, "topk_ids");
   const int64_t distinct_count = static_cast<int64_t>(distinct.size());
   LayerStats& st = layer_stats_[layer];
   st.acquires += 1;
@@ -772,12 +790,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
     for (int64_t i = next_base; region_free && i < next_base + store_.layout(next).num_experts; ++i) {
       region_free = !cache_.slot_pinned(i);  // this step's experts stay where they are
     }
+    bool copied_ahead = false;
     if (region_free && whole_layer_is_cheaper(layer, distinct_count, base)) {
       CopyPlan ahead{next, kPredictChannel, 0, {}, false};
       std::vector<int64_t>& ahead_slots = ahead_slots_;
       ahead_slots.clear();
       place_whole_layer(next, next_base, /*predicted=*/true, ahead, ahead_slots);
       issue_prediction(ahead, ahead_slots);
+      copied_ahead = true;
+    }
+    // The caller's guess at the next layer: behind this step's copies on the one copy engine, so it
+    // runs under this step's compute (predict() before the step would delay the step by it). Not
+    // needed when that layer was just copied ahead whole.
+    if (guess && !(copied_ahead && next_layer == next) && held_slot_[next_layer] == kNotHeld) {
+      predict_distinct(next_layer, next_distinct_);
     }
     backend_->wait_ready(kDemandChannel, layer);
   } catch (...) {
@@ -812,12 +838,16 @@ void Streamer::predict(int64_t layer, const at::Tensor& expert_ids) {
   TORCH_CHECK(policy_ != Policy::kFull, "predict(", layer, "): only policies on_demand and auto predict experts");
   TORCH_CHECK(store_.bytes_written(layer) >= store_.layout(layer).host_bytes(), "predict(", layer, "): layer ",
               layer, " is not fully written yet");
-  const std::vector<int64_t>& distinct = distinct_ids_on_host("predict", layer, expert_ids);
+  const std::vector<int64_t>& distinct = distinct_ids_on_host("predict", layer, expert_ids, "expert_ids");
   if (!pool_memory_[0].defined() || held_slot_[layer] != kNotHeld) return;  // a hint: nothing to do yet
+  predict_distinct(layer, distinct);
+}
+
+void Streamer::predict_distinct(int64_t layer, const std::vector<int64_t>& distinct) {
   const int64_t now = clock_;
   const int64_t ticks_per_pass = store_.num_layers();
   CopyPlan plan{layer, kPredictChannel, 0, {}, false};
-  std::vector<int64_t>& assigned = step_assigned_;
+  std::vector<int64_t>& assigned = predict_assigned_;
   assigned.clear();
   cache_.begin_taking(now, ticks_per_pass, static_cast<int64_t>(distinct.size()));
   for (int64_t e : distinct) {
@@ -975,8 +1005,9 @@ std::tuple<at::Tensor, at::Tensor> streamer_stats(int64_t handle) { return looku
 std::vector<int64_t> streamer_info(int64_t handle) { return lookup(handle)->info(); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streamer_acquire_experts(int64_t handle, int64_t layer,
-                                                                      const at::Tensor& topk_ids) {
-  return lookup(handle)->acquire_experts(layer, topk_ids);
+                                                                      const at::Tensor& topk_ids, int64_t next_layer,
+                                                                      const std::optional<at::Tensor>& next_ids) {
+  return lookup(handle)->acquire_experts(layer, topk_ids, next_layer, next_ids);
 }
 
 void streamer_release_experts(int64_t handle, int64_t layer, at::TensorList /*after*/) {
@@ -984,14 +1015,15 @@ void streamer_release_experts(int64_t handle, int64_t layer, at::TensorList /*af
 }
 
 at::Tensor streamer_moe(int64_t handle, int64_t layer, const at::Tensor& hidden_states, const at::Tensor& topk_weights,
-                        const at::Tensor& topk_ids, c10::string_view activation) {
+                        const at::Tensor& topk_ids, c10::string_view activation, int64_t next_layer,
+                        const std::optional<at::Tensor>& next_ids) {
   auto streamer = lookup(handle);
   static const auto fused_moe =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("moe_swap::fused_moe", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view)>();
-  auto [w13, w2, expert_map] = streamer->acquire_experts(layer, topk_ids);
+  auto [w13, w2, expert_map] = streamer->acquire_experts(layer, topk_ids, next_layer, next_ids);
   at::Tensor out;
   try {
     out = fused_moe.call(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation);

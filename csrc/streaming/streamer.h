@@ -90,7 +90,12 @@ class Streamer {
   // waits for them. Returns the pool (w13 [N, 2I, H], w2 [N, H, I]) and expert_map int32 [E]
   // (expert -> pool slot, -1 not routed this step), for fused_moe. Valid until release_experts; one
   // step at a time (another layer's step must be released first).
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> acquire_experts(int64_t layer, const at::Tensor& topk_ids);
+  // `next_ids` (with `next_layer`): a guess at that layer's routing, predicted as by predict() but
+  // issued after this step's own copies, so that the copy engine works on it under this step's
+  // compute instead of delaying this step (one copy engine runs copies in issue order).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> acquire_experts(int64_t layer, const at::Tensor& topk_ids,
+                                                                 int64_t next_layer = -1,
+                                                                 const std::optional<at::Tensor>& next_ids = {});
   // The step is over: its slots may be reused once the work queued so far on the current stream is done.
   void release_experts(int64_t layer);
   // Start copying the experts in `expert_ids` (any shape, the predicted routing of `layer`'s next
@@ -124,10 +129,14 @@ class Streamer {
   void collect_spans(bool block);
   // on_demand
   // The distinct ids in first-seen order (a reference to distinct_: valid until the next call).
-  const std::vector<int64_t>& distinct_ids_on_host(const char* op, int64_t layer, const at::Tensor& ids);
+  const std::vector<int64_t>& distinct_ids_on_host(const char* op, int64_t layer, const at::Tensor& ids,
+                                                   const char* arg);
   void ensure_pool(int64_t slots_needed);
   void add_expert_chunks(CopyPlan& plan, int64_t layer, int64_t expert, int64_t slot) const;
   void issue_expert_plan(CopyPlan& plan, int channel);
+  // predict()'s body, under mu_: the distinct guessed experts of `layer` not cached take free or
+  // evictable slots (never this step's nor other guesses') and are copied on the predict channel.
+  void predict_distinct(int64_t layer, const std::vector<int64_t>& distinct);
   void issue_prediction(CopyPlan& plan, const std::vector<int64_t>& slots);
   void calibrate_copy_cost();
   bool whole_layer_is_cheaper(int64_t layer, int64_t misses, int64_t base) const;
@@ -169,6 +178,7 @@ class Streamer {
   // per-step scratch, kept so that a step's bookkeeping allocates nothing (all under mu_)
   std::vector<char> routed_seen_;           // [E], all zero between calls: distinct_ids_on_host's marks
   std::vector<int64_t> distinct_, step_misses_, step_assigned_, evicted_layers_, ahead_slots_;
+  std::vector<int64_t> next_distinct_, predict_assigned_;  // acquire_experts' guess at the next layer
   // policy auto's cost model, measured on this machine when the pool is first allocated (unless the
   // creator set it): a copy of b bytes costs copy_overhead_s_ + b / copy_bytes_per_s_
   double copy_overhead_s_ = -1.0;
@@ -199,10 +209,12 @@ void streamer_synchronize(int64_t handle);
 std::tuple<at::Tensor, at::Tensor> streamer_stats(int64_t handle);
 std::vector<int64_t> streamer_info(int64_t handle);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streamer_acquire_experts(int64_t handle, int64_t layer,
-                                                                      const at::Tensor& topk_ids);
+                                                                      const at::Tensor& topk_ids, int64_t next_layer,
+                                                                      const std::optional<at::Tensor>& next_ids);
 void streamer_release_experts(int64_t handle, int64_t layer, at::TensorList after);
 at::Tensor streamer_moe(int64_t handle, int64_t layer, const at::Tensor& hidden_states, const at::Tensor& topk_weights,
-                        const at::Tensor& topk_ids, c10::string_view activation);
+                        const at::Tensor& topk_ids, c10::string_view activation, int64_t next_layer,
+                        const std::optional<at::Tensor>& next_ids);
 void streamer_predict(int64_t handle, int64_t layer, const at::Tensor& expert_ids);
 // [pool slots, cache capacity slots, occupied slots, expert bytes, copy overhead ns, copy bytes/s] and
 // the (layer, expert) per pool slot [N, 2]; the last two are -1 until policy auto has calibrated
