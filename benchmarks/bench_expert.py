@@ -20,7 +20,9 @@ Per shape, trace, policy and batch size: bytes copied per token, tokens/s, hit r
 the routed ids to the host, and the cold-cache bytes against the bytes of the distinct routed experts.
 Prediction recall (next layer's router on this layer's input) needs a real router, so it is measured on
 the demo model itself (the recorded trace's model), per shape. A prefill step (all experts touched)
-compares full and auto at equal device memory, passes alternated.
+compares full and auto at equal device memory, passes alternated. Prediction order (--predict-rounds):
+on_demand with a guess at the next layer handed to the step (copied after the step's own experts)
+against predict() called before the step, with oracle and random guesses, alternated.
 
 Output: a table on stdout, JSON and a bytes-per-token chart (PNG) in --out.
 
@@ -300,6 +302,75 @@ def prefill(device, weights, tokens, dtype, rounds=5, policies=PREFILL_POLICIES)
 
 SHAPE_TOPK = {8: 2, 128: 8}
 
+PREDICT_VARIANTS = ("none", "oracle_before", "oracle_with", "random_before", "random_with")
+
+
+def prediction_order(device, weights, trace, warm_steps, cache_bytes, dtype, rounds) -> dict:
+    """How a guess at the next layer is issued, on_demand with host ids, side by side and alternated:
+    ``*_before`` calls predict(l+1) and then the step of l (the guess queues ahead of the step's own
+    copies on the one copy engine), ``*_with`` hands the guess to the step (moe(..., next_layer,
+    next_ids): copied after the step's own experts, under its compute). Guesses: ``oracle`` is the
+    next layer's true routing of this token (recall 100%: what a perfect predictor could buy),
+    ``random`` draws top_k experts at random (recall about top_k/E: what a useless one costs). Per
+    variant: median ms per token and the median of the per-round ratio to no prediction."""
+    steps, layers, batch, top_k = trace.shape
+    E = weights[0][0].shape[0]
+    H = weights[0][0].shape[2]
+    gen = torch.Generator().manual_seed(11)
+    guesses = {"oracle": trace, "random": torch.stack([torch.randperm(E, generator=gen)[:top_k]
+                                                      for _ in range(steps * layers * batch)]).view(trace.shape)}
+    hidden = (torch.randn(batch, H) * 0.1).to(dtype).to(device)
+    topk_weights = torch.full((batch, top_k), 1.0 / top_k, device=device)
+    ids_all = trace.to(device)
+    guesses = {k: v.to(device) for k, v in guesses.items()}
+
+    def run(s, variant, step_range):
+        kind, _, order = variant.partition("_")
+        for t in step_range:
+            x = hidden
+            for layer in range(layers):
+                ids = ids_all[t, layer]
+                if variant == "none" or layer + 1 == layers:
+                    x = s.moe(layer, x, topk_weights, ids)
+                elif order == "before":
+                    s.predict(layer + 1, guesses[kind][t, layer + 1])
+                    x = s.moe(layer, x, topk_weights, ids)
+                else:
+                    x = s.moe(layer, x, topk_weights, ids, next_layer=layer + 1, next_ids=guesses[kind][t, layer + 1])
+
+    streamers = {v: make_streamer("on_demand", device, weights, cache_bytes) for v in PREDICT_VARIANTS}
+    times = {v: [] for v in PREDICT_VARIANTS}
+    try:
+        for v, s in streamers.items():
+            run(s, v, range(warm_steps))
+        for i in range(rounds):
+            for j in range(len(PREDICT_VARIANTS)):
+                v = PREDICT_VARIANTS[(i + j) % len(PREDICT_VARIANTS)]
+                synchronize(device)
+                start = time.perf_counter()
+                run(streamers[v], v, range(warm_steps, steps))
+                synchronize(device)
+                times[v].append(time.perf_counter() - start)
+        tokens = (steps - warm_steps) * batch
+        out = {}
+        for v, s in streamers.items():
+            stats = s.stats()
+            out[v] = {"ms_per_token": 1e3 * statistics.median(times[v]) / tokens,
+                      "vs_none": statistics.median(a / b for a, b in zip(times[v], times["none"])),
+                      "hit_rate": stats["hit_rate"], "prediction_recall": stats["prediction_recall"],
+                      "predicted": stats["predicted"]}
+    finally:
+        for s in streamers.values():
+            s.close()
+    return {"rounds": rounds, "batch": batch, "variants": out}
+
+
+def print_prediction_order(shape: str, result: dict) -> None:
+    print(f"{shape:8} prediction order (skewed, batch {result['batch']}, {result['rounds']} rounds; ms/token, "
+          f"x none per-round median, hit rate): " + ", ".join(
+              f"{v} {r['ms_per_token']:.3f} ({r['vs_none']:.3f}, {100 * r['hit_rate']:.0f}%)"
+              for v, r in result["variants"].items()))
+
 
 def print_prefill(shape: str, result: dict) -> None:
     auto = result["policies"].get("auto", {})
@@ -360,6 +431,12 @@ def targets(results: dict) -> list[str]:
             lines.append(f"{shape}: prefill auto/full wall time (median of per-round ratios): "
                          f"{prefill_auto['vs_full']:.3f} (target <= 1, {verdict(prefill_auto['vs_full'] <= 1.0)}; "
                          f"{entry['prefill']['rounds']} rounds)")
+        order = entry.get("prediction_order")
+        if order:
+            v = order["variants"]
+            lines.append(f"{shape}: a guess handed to the step vs predict() before it (x no prediction): oracle "
+                         f"{v['oracle_with']['vs_none']:.3f} vs {v['oracle_before']['vs_none']:.3f}, random "
+                         f"{v['random_with']['vs_none']:.3f} vs {v['random_before']['vs_none']:.3f}")
         for key, rec in entry["prediction"].items():
             lines.append(f"{shape}: prediction recall, recorded trace {key}: {100 * rec['predicted_layers_recall']:.1f}% "
                          f"of the routed experts of predicted layers (synthetic traces have no router)")
@@ -412,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--prefill-rounds", type=int, default=5, help="alternated prefill passes per policy")
     p.add_argument("--prefill-only", action="store_true", help="only the prefill comparison (no decode traces)")
+    p.add_argument("--predict-rounds", type=int, default=3,
+                   help="alternated rounds of the prediction-order comparison (skewed trace, batch 1); 0: skip it")
     p.add_argument("--repeats", type=int, default=2, help="fresh runs per policy, the fastest kept (default 2)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--threads", type=int, default=1, help="torch compute threads on CPU (the copy engine is one more)")
@@ -470,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['speedup_vs_full']:12.2f} {100 * row.get('device_step_share', 0):11.0f}%")
         entry["prefill"] = prefill(device, weights, args.prefill_tokens, dtype, rounds=args.prefill_rounds)
         print_prefill(shape, entry["prefill"])
+        if args.predict_rounds and not args.prefill_only:
+            trace = synthetic_trace("skewed", args.layers, E, top_k, 1, args.steps, seed=1)
+            entry["prediction_order"] = prediction_order(device, weights, trace, warm, cache_bytes, dtype,
+                                                         args.predict_rounds)
+            print_prediction_order(shape, entry["prediction_order"])
         for key, stats in entry["traces"].items():
             if key.endswith("batch1"):
                 print(f"{shape:8} trace {key:18} top-quarter share {100 * stats['top_quarter_share']:.1f}% (max layer "

@@ -42,7 +42,8 @@ def test_bench_expert_smoke_transformers(tmp_path):
     try:
         assert bench.main(["--device", "cpu", "--shapes", "mixtral", "--scale", "64", "--steps", "8",
                            "--repeats", "1", "--batch-sizes", "1,2", "--traces", "skewed,recorded",
-                           "--prefill-rounds", "1", "--prefill-tokens", "16", "--out", str(tmp_path / "e.json")]) == 0
+                           "--prefill-rounds", "1", "--prefill-tokens", "16", "--predict-rounds", "1",
+                           "--out", str(tmp_path / "e.json")]) == 0
     finally:
         torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "e.json").read_text())
@@ -58,4 +59,7 @@ def test_bench_expert_smoke_transformers(tmp_path):
     assert targets == saved["targets"]
     assert any(line.startswith("mixtral: cold cache bytes/token <= 1.05x distinct: max 1.000x") for line in targets)
     assert any("prefill auto/full" in line for line in targets)
+    order = saved["shapes"]["mixtral"]["prediction_order"]["variants"]
+    assert set(order) == set(bench.PREDICT_VARIANTS) and order["none"]["predicted"] == 0
+    assert order["oracle_with"]["prediction_recall"] > 0 and order["oracle_before"]["prediction_recall"] > 0
     assert (tmp_path / "e.png").stat().st_size > 10_000
