@@ -28,6 +28,22 @@ namespace moe_swap::streaming {
 namespace {
 
 void free_pinned(void* data, size_t bytes) {
+  // Kernels may still read this memory through its device mapping (mode uva's views, expert_cache_pull
+  // on the device ids path), queued before the last reference went. The CUDA documentation does not
+  // say that cudaFreeHost waits for them, so the device is synchronised first -- a block is freed when a
+  // streamer closes, rarely -- except while the current stream captures a graph (a synchronisation
+  // there is illegal; nothing captured reads a block that is being freed).
+  try {  // a destructor's path (also at interpreter exit): nothing may escape
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    const cudaError_t err = cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &capture);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();  // this call's own error, not sticky
+    } else if (capture == cudaStreamCaptureStatusNone) {
+      C10_CUDA_CHECK_WARN(cudaDeviceSynchronize());
+    }
+  } catch (const std::exception& e) {
+    TORCH_WARN("WeightStreamer (CUDA): could not wait for the device before freeing pinned memory: ", e.what());
+  }
   C10_CUDA_CHECK_WARN(cudaFreeHost(data));
   host_bytes_freed(bytes);
 }
