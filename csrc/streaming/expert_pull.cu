@@ -1,7 +1,8 @@
 // expert_cache_pull on CUDA (see expert_pull.h for the algorithm): the routed ids never leave the
 // device. Two launches on the current stream, nothing waits on the host, no allocation depends on
 // data, so a decode step with it can be captured in a CUDA graph:
-//   1. plan (one block): mark routed experts in shared memory, stamp hits (threads over slots),
+//   1. plan (one block): mark routed experts in shared memory, stamp hits (threads over slots, one
+//      claim per expert),
 //      then one thread picks LRU victims for the misses (a step misses at most min(E, T*k)
 //      experts; the serial pick is O(misses * C), small at decode) and writes the copy list;
 //   2. pull (grid: blocks x list entries): each block copies its share of one listed expert from
@@ -42,9 +43,9 @@ __global__ void plan_pull_kernel(const Id* __restrict__ ids, int64_t num_ids, in
                                  int64_t* __restrict__ clock, int32_t* __restrict__ expert_map,
                                  int64_t* __restrict__ counters, int32_t* __restrict__ copy_list,
                                  int32_t* __restrict__ copy_count, int64_t* __restrict__ first_bad) {
-  extern __shared__ unsigned char shared[];
-  unsigned char* needed = shared;                 // [E]: 0 not routed, 1 routed, 2 hit
-  unsigned char* used = shared + num_experts;     // [C]: slot taken by this step
+  extern __shared__ int shared[];
+  int* needed = shared;                                                      // [E]: 0 not routed, 1 routed, 2 hit
+  unsigned char* used = reinterpret_cast<unsigned char*>(shared + num_experts);  // [C]: slot taken by this step
   __shared__ int64_t now;
   __shared__ unsigned long long hits;
   __shared__ unsigned long long bad;  // the first flat position of an out-of-range id (debug)
@@ -71,8 +72,9 @@ __global__ void plan_pull_kernel(const Id* __restrict__ ids, int64_t num_ids, in
   __syncthreads();
   for (int s = threadIdx.x; s < num_slots; s += blockDim.x) {
     const int32_t e = slot_expert[s];
-    if (e >= 0 && e < num_experts && needed[e] == 1) {  // one slot per expert: no two threads share e
-      needed[e] = 2;
+    // One slot per expert claims the hit, even where the slot state names an expert twice (a caller's
+    // corrupted state): the other slot stays free for a miss, as on the CPU.
+    if (e >= 0 && e < num_experts && atomicCAS(&needed[e], 1, 2) == 1) {
       used[s] = 1;
       slot_stamp[s] = now;
       expert_map[e] = static_cast<int32_t>(slot_base + s);
@@ -157,9 +159,9 @@ void expert_cache_pull_cuda(const at::Tensor& topk_ids, const at::Tensor& host_w
   at::Tensor scratch = at::empty({2 * C + 1}, pool_w13.options().dtype(at::kInt));
   int32_t* copy_list = scratch.data_ptr<int32_t>();
   int32_t* copy_count = copy_list + 2 * C;
-  const size_t shared_bytes = static_cast<size_t>(E + C);
-  TORCH_CHECK(shared_bytes + kPlanStaticShared <= 48 * 1024, "expert_cache_pull (CUDA): E + C = ", shared_bytes,
-              " exceeds the ", 48 * 1024 - kPlanStaticShared, " bytes of shared flags");
+  const size_t shared_bytes = static_cast<size_t>(4 * E + C);  // int flags per expert, byte flags per slot
+  TORCH_CHECK(shared_bytes + kPlanStaticShared <= 48 * 1024, "expert_cache_pull (CUDA): 4 E + C = ", shared_bytes,
+              " (E = ", E, ", C = ", C, ") exceeds the ", 48 * 1024 - kPlanStaticShared, " bytes of shared flags");
   // Debug (not while capturing a graph: reading the result back is a sync): the plan kernel records
   // the first out-of-range id's position, raised after the step.
   const bool debug = debug_sync_now();
