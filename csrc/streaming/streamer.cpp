@@ -682,8 +682,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
               "'s step is still acquired; release_experts(", other - held_slot_.begin(),
               ") first (the expert cache serves one step at a time)");
   collect_spans(/*block=*/false);
-  // The guess at the next layer, checked and read before anything changes (its router ran before
-  // this step: reading it first costs the host no extra wait on CUDA).
+  // The guess at the next layer, checked and read before anything changes (on CUDA its router was
+  // queued right after this step's routing: reading it first makes the host wait that much longer).
   next_distinct_.clear();
   const bool guess = next_ids.has_value() && next_ids->defined();
   if (guess) {
