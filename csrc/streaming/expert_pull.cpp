@@ -49,8 +49,10 @@ int64_t check_expert_cache_pull(const at::Tensor& topk_ids, const at::Tensor& ho
   TORCH_CHECK(expert_map.dim() == 1 && expert_map.size(0) == E, "expert_map must be [", E, "] (one per expert), got ",
               shape_str(expert_map));
   TORCH_CHECK(counters.numel() == 2, "counters must hold 2 elements (hits, misses), got shape ", shape_str(counters));
-  TORCH_CHECK(slot_base >= 0 && slot_base + C <= pool_w13.size(0), "the region [slot_base, slot_base + ", C,
-              ") = [", slot_base, ", ", slot_base + C, ") must lie in the pool's ", pool_w13.size(0), " slots");
+  // (compared without forming slot_base + C, which overflows for a slot_base near INT64_MAX)
+  TORCH_CHECK(slot_base >= 0 && C <= pool_w13.size(0) && slot_base <= pool_w13.size(0) - C, "slot_base must be in [0, ",
+              pool_w13.size(0), " - ", C, "] (the region [slot_base, slot_base + ", C, ") must lie in the pool's ",
+              pool_w13.size(0), " slots), got ", slot_base);
   const int64_t working_set = std::min<int64_t>(E, topk_ids.numel());
   TORCH_CHECK(C >= working_set, "the region has ", C, " slots but a step may route ", working_set,
               " distinct experts (min(E, topk_ids.numel())); give the layer at least that many slots");
