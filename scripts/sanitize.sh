@@ -55,10 +55,13 @@ ASAN_OPTIONS+=":strict_string_checks=1:check_initialization_order=1:detect_stack
 # Suppressions cannot isolate ours: they match any frame of a stack, and every allocation of ours is
 # reached through libpython and libtorch frames, so suppressing those suppresses ours too. Leaks also
 # turn every test subprocess's exit code non-zero. So by default detect_leaks=0 (the streamer's own
-# leak tests count live host blocks and streamers); LSAN=1 turns it on with full (slow) unwinding and
-# exitcode=0, and this script then fails only on leak reports with a frame in csrc/.
+# leak tests count live host blocks and streamers); LSAN=1 turns it on with exitcode=0 (the report
+# files are what counts), and this script then fails only on leak reports with a frame in csrc/.
+# Stacks are unwound by frame pointers, which python and torch lack: a block allocated by our code
+# directly (new, std::vector, posix_memalign) shows our frame, one allocated inside torch on our
+# behalf (at::empty) often does not.
 if [ "${LSAN:-0}" = 1 ]; then
-  ASAN_OPTIONS+=":detect_leaks=1:fast_unwind_on_malloc=0:exitcode=0"
+  ASAN_OPTIONS+=":detect_leaks=1:exitcode=0"
 else
   ASAN_OPTIONS+=":detect_leaks=0"
 fi
@@ -75,9 +78,11 @@ esac
 rm -f "$REPORTS"/*
 
 # Deselected: the two tests that measure the process's RSS growth, which ASan's allocator changes
-# (freed memory is held in a 256 MiB quarantine, every block gets redzones).
+# (freed memory is held in a 256 MiB quarantine, every block gets redzones), and the check that a
+# CUDA build of torch with nvcc present got CUDA kernels (this build is CPU-only on purpose).
 DESELECT=(--deselect tests/test_streamer.py::test_200_create_destroy_cycles_leave_memory_where_it_started
-          --deselect tests/test_offload_load.py::test_load_peak_host_memory_stays_near_the_host_store)
+          --deselect tests/test_offload_load.py::test_load_peak_host_memory_stays_near_the_host_store
+          --deselect tests/test_registration.py::test_cuda_kernel_registered)
 
 echo "== pytest (log: $LOG)"
 set +e
