@@ -5,6 +5,10 @@ Environment:
   TORCH_CUDA_ARCH_LIST        e.g. "9.0" or "8.0;9.0+PTX"; default: the local GPU, else 9.0+PTX
   CUDA_HOME                   the toolkit (default /usr/local/cuda when it exists)
   MAX_JOBS                    parallel compile jobs
+  MOE_SWAP_SANITIZE=address,undefined
+                              build _C with these sanitizers (-fsanitize=..., -g, frame pointers);
+                              needs MOE_SWAP_CUDA=OFF and the sanitizer runtime LD_PRELOADed when
+                              python imports it. scripts/sanitize.sh builds and runs the tests so.
 """
 
 import os
@@ -43,7 +47,12 @@ class cmake_build_ext(build_ext):
 
         # A build folder that outlives pip's temporary one, so that rebuilding after an edit is
         # incremental (CUDA translation units including torch take minutes each on a small machine).
-        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}-{os.environ.get('MOE_SWAP_CUDA', 'AUTO').lower()}"
+        # Keyed by every setting that changes the objects, so builds of different kinds don't collide.
+        sanitize = os.environ.get("MOE_SWAP_SANITIZE", "")
+        key = f"{sys.implementation.cache_tag}-{os.environ.get('MOE_SWAP_CUDA', 'AUTO').lower()}"
+        if sanitize:
+            key += "-sanitize-" + sanitize.replace(",", "-")
+        build_dir = ROOT / "build" / f"cmake-{key}"
         build_dir.mkdir(parents=True, exist_ok=True)
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -55,6 +64,7 @@ class cmake_build_ext(build_ext):
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DMOE_SWAP_CUDA={cuda}",
+            f"-DMOE_SWAP_SANITIZE={sanitize}",
         ]
         env = os.environ.copy()
         cuda_home = _cuda_home()

@@ -276,6 +276,26 @@ def test_a_failed_copy_raises_and_the_next_step_recovers():
         torch.testing.assert_close(s.moe(0, x, weights, ids), fused_moe(x, *layers[0], weights, ids))
 
 
+def test_one_step_at_a_time():
+    """acquire_experts while another layer's step is held is refused. The cache pins one step's experts
+    (release_experts unpins every slot), and with the pool full of the held step's experts a second
+    step hit an internal assertion ("no slot for expert") after assigning slots to experts whose copies
+    were never issued: the next step found them cached and computed with stale weights."""
+    layers = random_layers(2, 4)
+    with on_demand(layers, cache_experts=3) as s:
+        s.acquire_experts(0, torch.tensor([[0, 1]]))
+        with pytest.raises(RuntimeError, match=r"acquire_experts\(1\): layer 0's step is still acquired; "
+                                               r"release_experts\(0\) first"):
+            s.acquire_experts(1, torch.tensor([[2, 3]]))
+        s.release_experts(0)
+        ids = torch.tensor([[2, 3]])
+        w13, w2, expert_map = s.acquire_experts(1, ids)
+        for e in (2, 3):
+            slot = int(expert_map[e])
+            assert checksum(w13[slot]) == checksum(layers[1][0][e]) and checksum(w2[slot]) == checksum(layers[1][1][e])
+        s.release_experts(1)
+
+
 def test_bad_inputs_raise_clearly():
     layers = random_layers(2, 6)
     with on_demand(layers, cache_experts=2) as s:

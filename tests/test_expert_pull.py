@@ -86,6 +86,20 @@ def test_bad_inputs_raise_clearly():
                           r.slot_stamp.int(), r.clock, r.expert_map, r.counters)
 
 
+def test_slot_base_near_int64_max_raises_and_writes_nothing():
+    """The region check formed slot_base + C, which overflows int64 for a slot_base near INT64_MAX
+    (undefined behaviour; UBSan reports it under scripts/sanitize.sh): a wrapped, negative sum passed
+    the check and the copies went to pool + slot_base * expert bytes."""
+    r = Region(experts=4, slots=2)
+    pool_before = (r.pool_w13.clone(), r.pool_w2.clone())
+    for base in (2**63 - 1, 2**63 - 2, 2**62, 3):
+        with pytest.raises(RuntimeError, match=rf"slot_base must place the region.*got slot_base = {base}"):
+            expert_cache_pull(torch.tensor([[0, 1]]), r.host_w13, r.host_w2, r.pool_w13, r.pool_w2, base,
+                              r.slot_expert, r.slot_stamp, r.clock, r.expert_map, r.counters)
+    assert torch.equal(r.pool_w13, pool_before[0]) and torch.equal(r.pool_w2, pool_before[1])
+    assert int(r.clock) == 0 and r.slot_expert.tolist() == [-1, -1]
+
+
 def test_opcheck():
     r = Region(experts=6, slots=4)
     args = (torch.tensor([[1, 3]], dtype=torch.int32), r.host_w13, r.host_w2, r.pool_w13, r.pool_w2, 0, r.slot_expert,

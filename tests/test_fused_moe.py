@@ -245,6 +245,17 @@ def test_bad_input_names_the_argument(device, name, mutate, message):
         moe_swap.fused_moe(**args)
 
 
+def test_an_empty_expert_map_maps_no_id():
+    """An expert_map with no entries is a map that holds no global id, not "no map": every id is out of
+    range (the CPU kernel took the empty tensor's null data pointer for "no map" and used the ids as
+    direct indices into w13, computing what the CUDA kernel skips)."""
+    args = _good("cpu", mapped=False)
+    args["expert_map"] = torch.zeros(0, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"topk_ids\[0, 0\] = \d+ is out of range: expected a global expert id "
+                                           r"in \[0, 0\) \(expert_map has 0 entries\)"):
+        moe_swap.fused_moe(**args)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_activation_is_a_value_error(device):
     with pytest.raises(ValueError, match="activation must be 'silu', 'gelu' or 'gelu_tanh', got 'relu'"):

@@ -55,15 +55,17 @@ struct ExpertGroups {
   std::vector<int64_t> row_of_pair;  // [T * k]: sorted row of pair t*k+j, or -1 (expert not held here)
 };
 
+// expert_map: nullptr when no map was given; a map with no entries (num_global_experts == 0) is still a
+// map (every id is out of range), whose data pointer may be null too, hence `mapped`.
 template <typename id_t>
-ExpertGroups group_pairs_by_expert(const id_t* ids, const int32_t* expert_map, const FusedMoeSizes& s) {
+ExpertGroups group_pairs_by_expert(const id_t* ids, bool mapped, const int32_t* expert_map, const FusedMoeSizes& s) {
   const int64_t num_pairs = s.num_tokens * s.top_k;
   std::vector<int64_t> expert_of_pair(num_pairs);
   std::vector<int64_t> count(s.num_experts + 1, 0);
   for (int64_t p = 0; p < num_pairs; ++p) {
     const int64_t id = static_cast<int64_t>(ids[p]);
     int64_t expert = id;
-    if (expert_map != nullptr) {
+    if (mapped) {
       TORCH_CHECK(id >= 0 && id < s.num_global_experts, "topk_ids[", p / s.top_k, ", ", p % s.top_k, "] = ", id,
                   " is out of range: expected a global expert id in [0, ", s.num_global_experts,
                   ") (expert_map has ", s.num_global_experts, " entries)");
@@ -249,11 +251,12 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden_states_in, const at::Tensor& w
   const at::Tensor topk_ids = topk_ids_in.contiguous();
   at::Tensor expert_map;
   if (expert_map_in.has_value()) expert_map = expert_map_in->contiguous();
-  const int32_t* map_ptr = expert_map.defined() ? expert_map.data_ptr<int32_t>() : nullptr;
+  const bool mapped = expert_map.defined();
+  const int32_t* map_ptr = mapped ? expert_map.data_ptr<int32_t>() : nullptr;
 
   const ExpertGroups groups = topk_ids.scalar_type() == at::kInt
-                                  ? group_pairs_by_expert(topk_ids.data_ptr<int32_t>(), map_ptr, s)
-                                  : group_pairs_by_expert(topk_ids.data_ptr<int64_t>(), map_ptr, s);
+                                  ? group_pairs_by_expert(topk_ids.data_ptr<int32_t>(), mapped, map_ptr, s)
+                                  : group_pairs_by_expert(topk_ids.data_ptr<int64_t>(), mapped, map_ptr, s);
   const int64_t num_rows = groups.row_begin.back();
   const int64_t H = s.hidden_size, I = s.intermediate_size;
 

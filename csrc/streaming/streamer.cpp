@@ -739,36 +739,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Streamer::acquire_experts(int64_t
   // so a wide step (a prefill: most experts routed) can copy the next layer whole while it computes.
   const bool two_regions = cache_.num_slots() >= 2 * region_experts;
   const int64_t base = two_regions ? (layer % 2) * region_experts : 0;
-  if (whole_layer_is_cheaper(layer, miss_count, base)) {
-    // One copy per weight: expert e into slot base + e. The layer's cached experts move there too (they
-    // are copied again: the cost model counted that), and whatever else held the region is evicted.
-    place_whole_layer(layer, base, /*predicted=*/false, plan, assigned);
-    for (int64_t e : distinct) {
-      cache_.touch(base + e, now, ticks_per_pass);  // routed: used now (pinned)
-      expert_map[e] = static_cast<int32_t>(base + e);
-    }
-    st.layer_copies += 1;
-    misses.clear();  // nothing left to place one by one (miss_count keeps the statistic)
-  }
-  cache_.begin_taking(now, ticks_per_pass, static_cast<int64_t>(misses.size()));
-  for (int64_t e : misses) {
-    int64_t evicted_layer = -1;
-    const int64_t s = cache_.take_slot(/*may_take_predictions=*/true, evicted_layer);
-    // ensure_pool gave at least |distinct| slots and only this step's experts are pinned
-    TORCH_INTERNAL_ASSERT(s >= 0, "expert cache: no slot for expert ", e, " of layer ", layer);
-    if (evicted_layer >= 0) layer_stats_[evicted_layer].evictions += 1;
-    cache_.assign(s, layer, e, /*predicted=*/false);
-    cache_.touch(s, now, ticks_per_pass);
-    add_expert_chunks(plan, layer, e, s);
-    assigned.push_back(s);
-    expert_map[e] = static_cast<int32_t>(s);
-  }
-  st.expert_misses += miss_count;
-  st.routed_distinct += distinct_count;
-  if (!plan.chunks.empty()) st.demand_copies += 1;
-  st.hits += plan.chunks.empty() ? 1 : 0;
-
+  // From here on a failure empties the slots this step assigned (their copies may never have been
+  // issued: left assigned, the next step would take them for cached experts) and unpins the rest.
   try {
+    if (whole_layer_is_cheaper(layer, miss_count, base)) {
+      // One copy per weight: expert e into slot base + e. The layer's cached experts move there too (they
+      // are copied again: the cost model counted that), and whatever else held the region is evicted.
+      place_whole_layer(layer, base, /*predicted=*/false, plan, assigned);
+      for (int64_t e : distinct) {
+        cache_.touch(base + e, now, ticks_per_pass);  // routed: used now (pinned)
+        expert_map[e] = static_cast<int32_t>(base + e);
+      }
+      st.layer_copies += 1;
+      misses.clear();  // nothing left to place one by one (miss_count keeps the statistic)
+    }
+    cache_.begin_taking(now, ticks_per_pass, static_cast<int64_t>(misses.size()));
+    for (int64_t e : misses) {
+      int64_t evicted_layer = -1;
+      const int64_t s = cache_.take_slot(/*may_take_predictions=*/true, evicted_layer);
+      // ensure_pool gave at least |distinct| slots and only this step's experts are pinned
+      TORCH_INTERNAL_ASSERT(s >= 0, "expert cache: no slot for expert ", e, " of layer ", layer);
+      if (evicted_layer >= 0) layer_stats_[evicted_layer].evictions += 1;
+      cache_.assign(s, layer, e, /*predicted=*/false);
+      cache_.touch(s, now, ticks_per_pass);
+      add_expert_chunks(plan, layer, e, s);
+      assigned.push_back(s);
+      expert_map[e] = static_cast<int32_t>(s);
+    }
+    st.expert_misses += miss_count;
+    st.routed_distinct += distinct_count;
+    if (!plan.chunks.empty()) st.demand_copies += 1;
+    st.hits += plan.chunks.empty() ? 1 : 0;
+
     if (!plan.chunks.empty()) issue_expert_plan(plan, kDemandChannel);
     // This layer's predicted experts must have landed. Wait before issuing the next layer's copy on
     // the same channel: waiting after it would wait for that copy too and lose the overlap.
