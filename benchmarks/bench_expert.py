@@ -29,6 +29,7 @@ Output: a table on stdout, JSON and a bytes-per-token chart (PNG) in --out.
   python benchmarks/bench_expert.py                       # CPU: scaled-down shapes
   python benchmarks/bench_expert.py --device cuda --out bench_results/expert.json
   python benchmarks/bench_expert.py --prefill-only --prefill-rounds 300 --shapes qwen3   # prefill A/B only
+  python benchmarks/bench_expert.py --parts predict --predict-rounds 20                  # prediction order only
 """
 
 from __future__ import annotations
@@ -488,14 +489,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=24, help="decode steps per run, the first quarter untimed (warm-up)")
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--prefill-rounds", type=int, default=5, help="alternated prefill passes per policy")
-    p.add_argument("--prefill-only", action="store_true", help="only the prefill comparison (no decode traces)")
+    p.add_argument("--parts", default="decode,prefill,predict",
+                   help="which comparisons: decode (the traces' policies), prefill (full vs auto), predict (the "
+                        "prediction order); e.g. --parts predict")
+    p.add_argument("--prefill-only", action="store_true", help="the same as --parts prefill")
     p.add_argument("--predict-rounds", type=int, default=3,
-                   help="alternated rounds of the prediction-order comparison (skewed trace, batch 1); 0: skip it")
+                   help="alternated rounds of the prediction-order comparison (skewed trace, batch 1)")
     p.add_argument("--repeats", type=int, default=2, help="fresh runs per policy, the fastest kept (default 2)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--threads", type=int, default=1, help="torch compute threads on CPU (the copy engine is one more)")
     p.add_argument("--out", default="bench_results/expert", help="folder, or a .json file path")
     args = p.parse_args(argv)
+    parts = {"prefill"} if args.prefill_only else set(args.parts.split(","))
+    if not parts or not parts <= {"decode", "prefill", "predict"}:
+        p.error(f"--parts takes decode, prefill and predict, got {args.parts!r}")
 
     device = args.device
     if device == "cpu":
@@ -523,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_bytes = int(CACHE_SHARE * args.layers * E) * expert_bytes
         entry = {"H": H, "I": I, "E": E, "top_k": top_k, "expert_bytes": expert_bytes, "cache_bytes": cache_bytes,
                  "runs": [], "traces": {}, "prediction": {}}
-        for batch in ([] if args.prefill_only else batches):
+        for batch in (batches if "decode" in parts else []):
             for trace_kind in args.traces.split(","):
                 if trace_kind == "recorded":
                     trace, recall = recorded_trace(shape, batch, args.steps)
@@ -547,9 +554,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['bytes_per_token'] / 2**20:10.3f} {row['bytes_per_token'] / bound:10.2f} "
                           f"{100 * row.get('hit_rate', 0):7.1f}% {row.get('ids_to_host_ms_per_layer_step', 0):8.3f}ms "
                           f"{row['speedup_vs_full']:12.2f} {100 * row.get('device_step_share', 0):11.0f}%")
-        entry["prefill"] = prefill(device, weights, args.prefill_tokens, dtype, rounds=args.prefill_rounds)
-        print_prefill(shape, entry["prefill"])
-        if args.predict_rounds and not args.prefill_only:
+        if "prefill" in parts:
+            entry["prefill"] = prefill(device, weights, args.prefill_tokens, dtype, rounds=args.prefill_rounds)
+            print_prefill(shape, entry["prefill"])
+        if "predict" in parts:
             trace = synthetic_trace("skewed", args.layers, E, top_k, 1, args.steps, seed=1)
             entry["prediction_order"] = prediction_order(device, weights, trace, warm, cache_bytes, dtype,
                                                          args.predict_rounds)
@@ -569,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + line)
     json_path.write_text(json.dumps(results, indent=1))
     json_path.with_name(json_path.stem + "_targets.txt").write_text("\n".join(results["targets"]) + "\n")
-    if args.prefill_only:
+    if "decode" not in parts:  # the chart is of the decode runs
         print(f"wrote {json_path}")
         return 0
     png = json_path.with_suffix(".png")
