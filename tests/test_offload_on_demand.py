@@ -67,7 +67,7 @@ def test_auto_with_a_given_cost_model():
     assert report.stats()["layer_copies"] > 0
     with pytest.raises(ValueError, match="copy_cost is the cost model of policy 'auto'"):
         offloaded(model, policy="on_demand", copy_cost=(1.0, 10.0))
-    with pytest.raises(ValueError, match="gb_per_s .* must be finite and > 0"):
+    with pytest.raises(ValueError, match=r"gb_per_s .* must be in \(0, 1e4\]"):
         offloaded(model, policy="auto", copy_cost=(1.0, 0))
 
 

@@ -351,7 +351,7 @@ def test_write_while_acquired_is_an_error_and_write_after_invalidates_the_slot()
     (dict(slots=2, prefetch_depth=2), RuntimeError, "prefetch_depth must be in"),
     (dict(slots=2, prefetch_depth=-1), RuntimeError, "prefetch_depth must be in"),
     (dict(mode="fast"), ValueError, "mode must be"),
-    (dict(test_copy_delay_us=-5), RuntimeError, "test_copy_delay_us"),
+    (dict(test_copy_delay_us=-5), ValueError, r"test_copy_delay_us must be in \[0, 1000000\]"),
 ])
 def test_bad_constructor_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
