@@ -662,9 +662,14 @@ class _DeviceRegion:
         ids = torch.where((ids >= 0) & (ids < self.num_experts), ids, self.num_experts)
         return torch.zeros(self.num_experts + 1, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)[:-1]
 
+    def _on_device(self, ids: Tensor) -> Tensor:
+        # ids may come from the CPU, as the host path takes them (the pull reads them on the pool's device)
+        return ids if ids.device == self.pool_w13.device else ids.to(self.pool_w13.device, non_blocking=True)
+
     def predict(self, expert_ids: Tensor) -> None:
         if not self.fits(expert_ids):
             return  # a hint: a guess wider than the region is not pulled
+        expert_ids = self._on_device(expert_ids)
         def pull() -> None:
             self._pull(expert_ids, self.predict_map, self.predict_counters)
             self.predicted |= self._routed(expert_ids)
@@ -680,6 +685,7 @@ class _DeviceRegion:
         self._predicted = True
 
     def moe(self, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str) -> Tensor:
+        topk_ids = self._on_device(topk_ids)
         if not self._joined:
             torch.cuda.current_stream(self.side_stream.device).wait_stream(self.side_stream)
             self._joined = True

@@ -229,6 +229,21 @@ def test_an_invalid_id_after_a_prediction_is_skipped_as_fused_moe_skips_it_cuda(
 
 
 @requires_cuda
+def test_ids_from_the_cpu_take_the_device_path_too_cuda():
+    # as the host path takes them: the region moves them to the pool's device
+    layers = random_layers(2, 8)
+    with device_streamer(layers, 4, device="cuda") as s:
+        s.prepare_device_cache()
+        s.predict(1, torch.tensor([[3, 5]]))
+        for layer, (w13, w2) in enumerate(layers):
+            x = torch.randn(2, 16, device="cuda")
+            weights, ids = route(2, 8, 2)
+            out = s.moe(layer, x, weights.cuda(), ids)
+            torch.testing.assert_close(out, fused_moe(x, w13.cuda(), w2.cuda(), weights.cuda(), ids.cuda()))
+        assert s.stats()["device_steps"] == 2
+
+
+@requires_cuda
 def test_device_path_step_does_not_sync_cuda(debug_off):
     layers = random_layers(2, 16)
     with device_streamer(layers, 8, device="cuda") as s:
