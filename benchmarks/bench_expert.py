@@ -201,10 +201,15 @@ def make_streamer(policy: str, device: str, weights, cache_bytes: int) -> Weight
     return s
 
 
-def run_steps(s: WeightStreamer, policy: str, trace: torch.Tensor, hidden: torch.Tensor, device: str) -> None:
+def run_steps(s: WeightStreamer, policy: str, trace: torch.Tensor, hidden: torch.Tensor, device: str,
+              guess: torch.Tensor | None = None, guess_first: bool = False) -> None:
+    """Decode steps of `trace` [steps, layers, batch, top_k] through `s`. `guess` (shaped like the
+    trace; on_demand/auto): layer l+1's entry is the guess given at layer l's step -- handed to the
+    step (moe's next_layer/next_ids), or with `guess_first` passed to predict() before the step."""
     steps, layers, batch, top_k = trace.shape
     weights = torch.full((batch, top_k), 1.0 / top_k, device=device)
     ids_all = trace.to(device)
+    guess_all = None if guess is None else guess.to(device)
     for t in range(steps):
         x = hidden
         for layer in range(layers):
@@ -213,8 +218,13 @@ def run_steps(s: WeightStreamer, policy: str, trace: torch.Tensor, hidden: torch
                 w13, w2 = s.acquire(layer, after=[x])
                 out = fused_moe(x, w13, w2, weights, ids)
                 s.release(layer, after=[out])
-            else:
+            elif guess_all is None or layer + 1 == layers:
                 out = s.moe(layer, x, weights, ids)
+            elif guess_first:
+                s.predict(layer + 1, guess_all[t, layer + 1])
+                out = s.moe(layer, x, weights, ids)
+            else:
+                out = s.moe(layer, x, weights, ids, next_layer=layer + 1, next_ids=guess_all[t, layer + 1])
             x = out
 
 
@@ -321,35 +331,23 @@ def prediction_order(device, weights, trace, warm_steps, cache_bytes, dtype, rou
     guesses = {"oracle": trace, "random": torch.stack([torch.randperm(E, generator=gen)[:top_k]
                                                       for _ in range(steps * layers * batch)]).view(trace.shape)}
     hidden = (torch.randn(batch, H) * 0.1).to(dtype).to(device)
-    topk_weights = torch.full((batch, top_k), 1.0 / top_k, device=device)
-    ids_all = trace.to(device)
-    guesses = {k: v.to(device) for k, v in guesses.items()}
 
     def run(s, variant, step_range):
         kind, _, order = variant.partition("_")
-        for t in step_range:
-            x = hidden
-            for layer in range(layers):
-                ids = ids_all[t, layer]
-                if variant == "none" or layer + 1 == layers:
-                    x = s.moe(layer, x, topk_weights, ids)
-                elif order == "before":
-                    s.predict(layer + 1, guesses[kind][t, layer + 1])
-                    x = s.moe(layer, x, topk_weights, ids)
-                else:
-                    x = s.moe(layer, x, topk_weights, ids, next_layer=layer + 1, next_ids=guesses[kind][t, layer + 1])
+        run_steps(s, "on_demand", trace[step_range], hidden, device,
+                  guess=None if variant == "none" else guesses[kind][step_range], guess_first=order == "before")
 
     streamers = {v: make_streamer("on_demand", device, weights, cache_bytes) for v in PREDICT_VARIANTS}
     times = {v: [] for v in PREDICT_VARIANTS}
     try:
         for v, s in streamers.items():
-            run(s, v, range(warm_steps))
+            run(s, v, slice(0, warm_steps))
         for i in range(rounds):
             for j in range(len(PREDICT_VARIANTS)):
                 v = PREDICT_VARIANTS[(i + j) % len(PREDICT_VARIANTS)]
                 synchronize(device)
                 start = time.perf_counter()
-                run(streamers[v], v, range(warm_steps, steps))
+                run(streamers[v], v, slice(warm_steps, steps))
                 synchronize(device)
                 times[v].append(time.perf_counter() - start)
         tokens = (steps - warm_steps) * batch

@@ -607,9 +607,7 @@ def _next_guess(next_layer: Optional[int], next_ids: Optional[Tensor]) -> tuple[
                          f"{'None' if next_ids is None else 'a tensor'}")
     if next_layer is None:
         return -1, None
-    if isinstance(next_layer, bool) or not isinstance(next_layer, int):
-        raise ValueError(f"next_layer must be an int, got {next_layer!r}")
-    return next_layer, next_ids
+    return _check_int64("next_layer", next_layer), next_ids
 
 
 class _DeviceRegion:
