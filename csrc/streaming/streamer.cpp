@@ -148,6 +148,7 @@ int64_t Streamer::reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_sh
   const int64_t num_experts = store_.layout(layer).num_experts;
   cache_.add_layer(num_experts);
   max_layer_experts_ = std::max(max_layer_experts_, num_experts);
+  total_experts_ += num_experts;
   if (policy_ != Policy::kFull) routed_seen_.resize(max_layer_experts_, 0);
   layer_stats_.emplace_back();
   held_slot_.push_back(kNotHeld);
@@ -542,9 +543,8 @@ const std::vector<int64_t>& Streamer::distinct_ids_on_host(const char* op, int64
 void Streamer::ensure_pool(int64_t slots_needed) {
   // The cache never holds more than one slot per (layer, expert), nor (auto) more than two layer
   // regions need: a budget beyond that allocates no pool it could never use.
-  int64_t useful = 0;
-  for (int64_t l = 0; l < store_.num_layers(); ++l) useful += store_.layout(l).num_experts;
-  if (policy_ == Policy::kAuto) useful = std::max(useful, 2 * max_layer_experts_);
+  const int64_t useful =
+      policy_ == Policy::kAuto ? std::max(total_experts_, 2 * max_layer_experts_) : total_experts_;
   const int64_t n = std::max(std::min(cache_.capacity(), useful), slots_needed);
   if (pool_memory_[0].defined() && cache_.num_slots() >= n) return;
   backend_->drain();

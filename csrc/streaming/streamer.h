@@ -172,6 +172,7 @@ class Streamer {
   std::array<int64_t, 2> pool_expert_bytes_ = {0, 0};     // bytes of one expert's w13 and w2
   std::array<at::Tensor, 2> pool_views_;                  // the pool as [N, 2I, H] and [N, H, I] of pool_dtype_
   int64_t max_layer_experts_ = 0;                         // one layer region of the pool (policy auto)
+  int64_t total_experts_ = 0;                             // every layer's experts: the most the cache can hold
   at::ScalarType pool_dtype_ = at::kFloat;
   int64_t clock_ = 0;               // one tick per acquire_experts: the cache's notion of time
   std::vector<int64_t> predicted_pending_;  // slots whose predicted copy nobody has waited for yet
