@@ -34,6 +34,9 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                           const std::optional<at::Tensor>& expert_map, c10::string_view activation);
 #endif
 
+// ---- diagnostics (csrc/core/parallel.cpp) ----
+int64_t cpu_parallel_threads();
+
 // ---- device-side expert pull (csrc/streaming/expert_pull.*) ----
 void expert_cache_pull_cpu(const at::Tensor& topk_ids, const at::Tensor& host_w13, const at::Tensor& host_w2,
                            const at::Tensor& pool_w13, const at::Tensor& pool_w2, int64_t slot_base,

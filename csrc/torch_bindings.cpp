@@ -31,6 +31,9 @@ TORCH_LIBRARY(moe_swap, m) {
   m.def("set_debug(bool enabled) -> ()", &moe_swap::set_debug);
   // Whether the debug switch is on.
   m.def("debug_enabled() -> bool", &moe_swap::debug_enabled);
+  // The number of distinct threads one parallel region of the CPU kernels ran on (at most
+  // torch.get_num_threads(); 1 means the kernels were built without the parallel backend's flags).
+  m.def("cpu_parallel_threads() -> int", &moe_swap::cpu_parallel_threads);
 
   // ---- weight streamer (csrc/streaming; Python face moe_swap.WeightStreamer) ----
   // State lives in C++ streamers named by integer handles (see streaming/streamer.h for why).

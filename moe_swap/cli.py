@@ -377,6 +377,7 @@ def cmd_info(args) -> int:
     import transformers
 
     from . import __version__
+    from .ops import cpu_parallel_threads
 
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     rows = [
@@ -388,6 +389,7 @@ def cmd_info(args) -> int:
                                          for op in ("fused_moe", "topk_route"))),
         ("CPU kernels built", ", ".join(f"{op}: {'yes' if has(f'moe_swap::{op}', 'CPU') else 'no'}"
                                         for op in ("fused_moe", "topk_route"))),
+        ("CPU kernel threads", f"{cpu_parallel_threads()} of torch's {torch.get_num_threads()}"),
     ]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

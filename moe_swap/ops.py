@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["topk_route", "fused_moe", "expert_cache_pull", "set_debug", "debug_enabled"]
+__all__ = ["topk_route", "fused_moe", "expert_cache_pull", "set_debug", "debug_enabled", "cpu_parallel_threads"]
 
 
 def topk_route(
@@ -196,3 +196,10 @@ def set_debug(enabled: bool = True) -> None:
 def debug_enabled() -> bool:
     """Whether the debug switch is on."""
     return bool(torch.ops.moe_swap.debug_enabled())
+
+
+def cpu_parallel_threads() -> int:
+    """How many threads a parallel region of moe_swap's CPU kernels runs on now (at most
+    ``torch.get_num_threads()``). 1 with more threads available means the library was built without
+    the parallel backend's compiler flags and every CPU kernel runs single-threaded."""
+    return int(torch.ops.moe_swap.cpu_parallel_threads())

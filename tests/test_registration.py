@@ -40,3 +40,22 @@ def test_debug_switch_round_trip():
         assert not moe_swap.ops.debug_enabled()
     finally:
         moe_swap.set_debug(before)
+
+
+def test_cpu_kernels_use_the_threads_they_are_given():
+    # at::parallel_for is compiled into moe_swap's own objects: built without the parallel backend's
+    # flags (-fopenmp for ATen's OpenMP backend) every CPU kernel silently runs on one thread.
+    import moe_swap
+
+    if torch.get_num_threads() < 2:
+        pytest.skip(f"torch.get_num_threads() = {torch.get_num_threads()}: nothing to spread over")
+    used = moe_swap.ops.cpu_parallel_threads()
+    assert used == torch.get_num_threads(), (
+        f"a parallel region of moe_swap's CPU kernels ran on {used} thread(s) of the "
+        f"{torch.get_num_threads()} torch offers ({torch.__config__.parallel_info().splitlines()[-1].strip()})")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert moe_swap.ops.cpu_parallel_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
