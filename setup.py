@@ -36,6 +36,40 @@ def _cuda_home() -> str | None:
     return None
 
 
+# The oldest CMake that configures the CUDA build: 3.25.0 and 3.25.1 do not know nvcc's C++20 flags
+# ("Target _C requires the language dialect CUDA20 ... does not support this"); measured with the
+# PyPI cmake wheels 3.24.3, 3.25.0 (fail) and 3.25.2, 3.26.4, 3.27.9, 3.28.4, 4.4.5 (configure).
+MIN_CMAKE = (3, 25, 2)
+
+
+def _tool(module: str, attr: str, name: str) -> str | None:
+    """The binary of a PyPI tool package (`cmake`, `ninja`) when installed, else the one on the PATH: the
+    package's is the one pip just installed, and a venv used without activating has it off the PATH."""
+    try:
+        path = Path(getattr(__import__(module), attr)) / name
+        if path.exists():
+            return str(path)
+    except (ImportError, AttributeError):
+        pass
+    return shutil.which(name)
+
+
+def _cmake() -> str:
+    cmake = _tool("cmake", "CMAKE_BIN_DIR", "cmake")
+    need = ".".join(map(str, MIN_CMAKE))
+    if cmake is None:
+        raise RuntimeError(f"moe_swap's build needs CMake >= {need} and none was found: pip install 'cmake>={need}'")
+    out = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = tuple(int(x) for x in out.split()[2].split("-")[0].split(".")[:3])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"could not read the version of {cmake} (`cmake --version` printed {out!r})") from None
+    if version < MIN_CMAKE:
+        raise RuntimeError(f"moe_swap's build needs CMake >= {need}, found {'.'.join(map(str, version))} at {cmake}: "
+                           f"pip install 'cmake>={need}' (setup.py prefers the cmake package's binary)")
+    return cmake
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -72,11 +106,16 @@ class cmake_build_ext(build_ext):
             env.setdefault("CUDA_HOME", cuda_home)
             env.setdefault("CUDACXX", str(Path(cuda_home) / "bin" / "nvcc"))
             args += [f"-DCUDAToolkit_ROOT={cuda_home}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}"]
-        if shutil.which("ninja"):
-            args += ["-G", "Ninja"]
-        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], env=env)
+        ninja = _tool("ninja", "BIN_DIR", "ninja")
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        cmake = _cmake()
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", jobs], env=env)
+        # pip shows this only with -v; the README says the build is silent for minutes otherwise
+        print(f"moe_swap: building the native library with {cmake} in {build_dir} ({jobs} jobs; "
+              f"CUDA kernels: {cuda}); several minutes on a small machine", file=sys.stderr, flush=True)
+        subprocess.check_call([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], env=env)
+        subprocess.check_call([cmake, "--build", str(build_dir), "--parallel", jobs], env=env)
 
 
 setup(ext_modules=[CMakeExtension("moe_swap._C")], cmdclass={"build_ext": cmake_build_ext})

@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -92,6 +93,20 @@ def _fmt_bytes(n: float) -> str:
     return format_bytes(n)
 
 
+def _checked_device(args) -> str:
+    """--device, --gpu-budget and --slots checked before any model is built (a bad value fails in a
+    second with the library's own message, not minutes later or with a torch traceback)."""
+    from .offload import _check_device, _check_schedule
+    from .planner import parse_bytes
+
+    device = args.device or _default_device()
+    _check_device(device)
+    if args.gpu_budget is not None:
+        parse_bytes(args.gpu_budget, "--gpu-budget")
+    _check_schedule(args.slots, 1)
+    return device
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
@@ -109,8 +124,10 @@ def cmd_demo(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from .loader import load
+    from .offload import _check_policy_and_mode
 
-    device = args.device or _default_device()
+    device = _checked_device(args)
+    _check_policy_and_mode(args.policy, args.mode, args.eviction, args.ids_path)
     # float32 by default so the token check is exact; a checkpoint folder keeps its own dtype
     dtype = _DTYPES[args.dtype] if args.dtype else (None if args.model else torch.float32)
     with contextlib.ExitStack() as stack:
@@ -243,15 +260,20 @@ def _measure(model, device: str, batch: int, prompt_len: int, decode_tokens: int
             if attempt:
                 prefill_times.append(prefill)
                 decode_times.append(decode)
-    prefill, decode = min(prefill_times), min(decode_times)
+    # the median round is the figure (a busy machine makes single rounds outliers); min and max show the spread
+    prefill, decode = statistics.median(prefill_times), statistics.median(decode_times)
+    prefill_rates = sorted(batch * prompt_len / t for t in prefill_times)
+    decode_rates = sorted(batch * decode_tokens / t for t in decode_times)
     return {"prefill_tokens_per_s": batch * prompt_len / prefill, "prefill_s": prefill,
-            "decode_tokens_per_s": batch * decode_tokens / decode, "decode_step_s": decode / decode_tokens}
+            "decode_tokens_per_s": batch * decode_tokens / decode, "decode_step_s": decode / decode_tokens,
+            "prefill_tokens_per_s_min_max": [prefill_rates[0], prefill_rates[-1]],
+            "decode_tokens_per_s_min_max": [decode_rates[0], decode_rates[-1]], "rounds": len(decode_times)}
 
 
 def cmd_bench(args) -> int:
     from transformers import AutoConfig
 
-    device = args.device or _default_device()
+    device = _checked_device(args)
     on_gpu = device.startswith("cuda")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -271,20 +293,23 @@ def cmd_bench(args) -> int:
             build_random_checkpoint(args.config, folder, dtype, seed=0)
         results["model"] = args.model or args.config
         vocab = AutoConfig.from_pretrained(folder).vocab_size
+        if not on_gpu:
+            needs_gpu = {"uva": "uva reads pinned host memory from GPU kernels: needs a GPU",
+                         "accelerate": "accelerate cpu_offload moves weights to a GPU execution device: needs a GPU"}
+            results["skipped"] = {m: needs_gpu[m] for m in modes if m in needs_gpu}
+        for mode, why in results["skipped"].items():  # said first, not after minutes of measuring
+            print(f"  skipped {mode}: {why}", flush=True)
+        print(f"  {'mode':<15}{'batch':>6}  {'prefill tok/s (median [min-max])':>34}  "
+              f"{'decode tok/s (median [min-max])':>32}", flush=True)
         for mode in modes:
-            if mode == "uva" and not on_gpu:
-                results["skipped"][mode] = "uva reads pinned host memory from GPU kernels: needs a GPU"
-                continue
-            if mode == "accelerate" and not on_gpu:
-                results["skipped"][mode] = "accelerate cpu_offload moves weights to a GPU execution device: needs a GPU"
+            if mode in results["skipped"]:
                 continue
             model = _build_for_mode(mode, folder, device, dtype, args.gpu_budget, args.slots)
             for batch in batches:
                 run = {"mode": mode, "batch": batch}
                 run.update(_measure(model, device, batch, args.prompt_len, args.decode_tokens, vocab, args.repeats))
                 results["runs"].append(run)
-                print(f"  {mode:<10} batch {batch:>3}: prefill {run['prefill_tokens_per_s']:10.1f} tok/s   "
-                      f"decode {run['decode_tokens_per_s']:9.1f} tok/s", flush=True)
+                print(f"  {mode:<15}{batch:>6}  {_rate(run, 'prefill'):>34}  {_rate(run, 'decode'):>32}", flush=True)
             del model
             _free(device)
 
@@ -295,22 +320,31 @@ def cmd_bench(args) -> int:
     png_path = os.path.join(args.out, "bench.png")
     _plot_bench(results, png_path)
     print(f"\n{_bench_table(results)}\n\nwrote {json_path} and {png_path}")
-    for mode, why in results["skipped"].items():
-        print(f"skipped {mode}: {why}")
     return 0
+
+
+def _rate(run: dict, part: str) -> str:
+    low, high = run[f"{part}_tokens_per_s_min_max"]
+    return f"{run[f'{part}_tokens_per_s']:.1f} [{low:.1f}-{high:.1f}]"
 
 
 def _bench_table(results: dict) -> str:
     runs = results["runs"]
     base = {(r["batch"]): r for r in runs if r["mode"] == "full"}
-    lines = [f"{'mode':<11}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'decode vs full':>16}"]
+    rows = [("mode", "batch", "prefill tok/s", "decode tok/s", "decode [min-max]", "decode vs full")]
     for r in runs:
         ratio = ""
         if r["batch"] in base:
             ratio = f"{r['decode_tokens_per_s'] / base[r['batch']]['decode_tokens_per_s']:.2f}x"
-        lines.append(f"{r['mode']:<11}{r['batch']:>6}{r['prefill_tokens_per_s']:>15.1f}"
-                     f"{r['decode_tokens_per_s']:>14.1f}{ratio:>16}")
-    return "\n".join(lines)
+        low, high = r["decode_tokens_per_s_min_max"]
+        rows.append((r["mode"], str(r["batch"]), f"{r['prefill_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s']:.1f}",
+                     f"{low:.1f}-{high:.1f}", ratio))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    footer = (f"(medians of {runs[0]['rounds']} timed rounds after a warm-up; min-max: the spread of the rounds)"
+              if runs else "(no runs)")
+    return "\n".join(lines + [footer])
 
 
 def _plot_bench(results: dict, path: str) -> None:
@@ -333,8 +367,11 @@ def _plot_bench(results: dict, path: str) -> None:
         ax.set_yscale("log")
         ax.set_ylabel("tokens / s (log)")
         ax.set_title(f"{title} ({results['model']}, {results['device']})")
-    axes[1].legend()
-    fig.tight_layout()
+    # one legend above both charts, never over the bars
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(modes), 5), frameon=False)
+    rows_of_legend = (len(modes) + 4) // 5
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.07 * rows_of_legend))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -469,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", default="1,8", help="comma list (default 1,8)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prefill tokens per sequence (default 128)")
     bench.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed (default 16)")
-    bench.add_argument("--repeats", type=int, default=2, help="timed rounds after a warm-up; best is kept (default 2)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up; the median is reported "
+                                                             "with the min and max (default 3)")
     bench.add_argument("--out", default="bench_results", help="folder for bench.json and bench.png")
     bench.set_defaults(func=cmd_bench)
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import models
-from .offload import _check_device, _check_policy_and_mode, _check_schedule, _offload
+from .offload import _check_device, _check_policy_and_mode, _check_schedule, _offload, check_dtype
 from .models import Family, MoELayer
 from .streamer import read_safetensors_header
 
@@ -219,7 +219,7 @@ def load(
     slots: int = 2,
     prefetch_depth: int = 1,
     mode: str = "full",
-    dtype: Optional[torch.dtype] = None,
+    dtype: Union[None, str, torch.dtype] = None,
     eviction: str = "flru",
     predict: bool = False,
     ids_path: str = "host",
@@ -230,7 +230,8 @@ def load(
     Args:
         path: a folder with ``config.json`` and ``*.safetensors`` (one file or shards with
             ``model.safetensors.index.json``), in Hugging Face's per-expert or fused expert naming.
-        dtype: the model's dtype; default: the checkpoint's (``config.torch_dtype``).
+        dtype: the model's dtype (``torch.bfloat16`` or ``"bfloat16"``); default (None or ``"auto"``): the
+            checkpoint's (``config.dtype``).
         the rest: as for :func:`moe_swap.offload`.
 
     Returns the model (``eval()`` mode); its report, with the load time and the peak host memory of the
@@ -241,9 +242,7 @@ def load(
 
     _check_policy_and_mode(policy, mode, eviction, ids_path, copy_cost)
     _check_schedule(slots, prefetch_depth)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be None (the checkpoint's) or a floating torch.dtype such as torch.bfloat16, "
-                         f"got {dtype!r}")
+    dtype = check_dtype(dtype)
     dev = _check_device(device)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"path={path!r} has no config.json (expected a Hugging Face checkpoint folder)")

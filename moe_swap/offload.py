@@ -49,8 +49,11 @@ class OffloadReport:
     slot_bytes: int
     device_bytes: int  # weights on the device: non-expert + resident experts + ring slots
     pinned_bytes: int  # the HostStore (pinned on CUDA, ordinary memory on the CPU backend)
-    streamed_bytes_per_forward: int
+    # policy full: the bytes each forward streams (every streamed layer, whole). on_demand/auto: None, it
+    # depends on the routing (only the routed experts missing from the cache move): see copied_bytes.
+    streamed_bytes_per_forward: Optional[int]
     expert_bytes: int  # all routed experts of the model
+    streamed_expert_bytes: int  # the experts of the streamed layers (in the host store)
     gpu_budget: Optional[int]
     warnings: list[str] = field(default_factory=list)
     cache_bytes: int = 0  # policy on_demand: the expert cache's byte budget
@@ -63,6 +66,16 @@ class OffloadReport:
     @property
     def offloaded(self) -> bool:
         return bool(self.streamed_layers)
+
+    @property
+    def max_streamed_bytes_per_forward(self) -> int:
+        """The most a forward can stream: every streamed layer's experts (what policy full streams)."""
+        return self.streamed_expert_bytes
+
+    @property
+    def copied_bytes(self) -> int:
+        """Bytes the streamer has copied so far (measured)."""
+        return int(self.stats().get("bytes_copied", 0))
 
     def stats(self) -> dict:
         """The streamer's statistics (bytes copied, copies, wait time...), {} when nothing streams."""
@@ -86,10 +99,16 @@ class OffloadReport:
                                          f"{'on' if self.predict else 'off'}"))
         rows += [
             ("device weights", format_bytes(self.device_bytes)
-             + (f" (budget {format_bytes(self.gpu_budget)})" if self.gpu_budget is not None else "")),
+             + (f" (budget {format_bytes(self.gpu_budget)} = {self.gpu_budget:,} bytes)"
+                if self.gpu_budget is not None else "")),
             (host_kind, format_bytes(self.pinned_bytes)),
-            ("streamed per forward", format_bytes(self.streamed_bytes_per_forward)),
         ]
+        if self.streamed_bytes_per_forward is not None:
+            rows.append(("streamed per forward", format_bytes(self.streamed_bytes_per_forward)))
+        elif self.streamed_layers:
+            rows.append(("streamed per forward", f"only routed experts missing from the cache (at most "
+                                                 f"{format_bytes(self.max_streamed_bytes_per_forward)}); copied so "
+                                                 f"far: {format_bytes(self.copied_bytes)}"))
         if self.load:
             rows.append(("load time", f"{self.load['seconds']:.2f} s"))
             rows.append(("peak host memory (load)", f"{format_bytes(self.load['peak_host_bytes'])} (process "
@@ -101,24 +120,25 @@ class OffloadReport:
 
     def cache_table(self) -> str:
         """Per streamed layer: expert-cache hits, misses, hit rate, bytes copied, evictions, prediction
-        recall, time spent bringing the routed ids to the host, whole-layer copies and steps taken on the
-        device path (policy on_demand; '' otherwise)."""
+        recall, time spent bringing the routed ids to the host, whole-layer copies, steps taken on the
+        device path and, with ids_path="device", steps too wide for their region (taken on the host path)
+        (policy on_demand; '' otherwise)."""
         if self.policy not in ("on_demand", "auto") or self.streamer is None:
             return ""
         stats = self.streamer.stats()
         header = ("layer", "hits", "misses", "hit rate", "copied", "evictions", "predicted", "recall", "ids->host",
-                  "whole-layer copies", "device steps")
+                  "whole-layer copies", "device steps", "wide steps")
         rows = []
         for position, entry in zip(self.streamed_layers, stats["layers"]):
             rows.append((str(position), str(entry["expert_hits"]), str(entry["expert_misses"]),
                          f"{100 * entry['hit_rate']:.1f}%", format_bytes(entry["bytes_copied"]),
                          str(entry["evictions"]), str(entry["predicted"]),
                          f"{100 * entry['prediction_recall']:.1f}%", f"{entry['ids_to_host_ms']:.2f} ms",
-                         str(entry["layer_copies"]), str(entry["device_steps"])))
+                         str(entry["layer_copies"]), str(entry["device_steps"]), str(entry["wide_steps"])))
         rows.append(("all", str(stats["expert_hits"]), str(stats["expert_misses"]), f"{100 * stats['hit_rate']:.1f}%",
                      format_bytes(stats["bytes_copied"]), str(stats["evictions"]), str(stats["predicted"]),
                      f"{100 * stats['prediction_recall']:.1f}%", f"{stats['ids_to_host_ms']:.2f} ms",
-                     str(stats["layer_copies"]), str(stats["device_steps"])))
+                     str(stats["layer_copies"]), str(stats["device_steps"]), str(stats["wide_steps"])))
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
         fmt = lambda r: "  " + "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
         return "\n".join(["expert cache per streamed layer", fmt(header)] + [fmt(r) for r in rows])
@@ -264,6 +284,18 @@ def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru", ids_p
     _check_copy_cost(copy_cost, policy)
 
 
+def check_dtype(dtype, name: str = "dtype") -> Optional[torch.dtype]:
+    """None, a floating torch.dtype, or its name as transformers and the CLI spell it ("bfloat16",
+    "torch.float16", "float32"; "auto" is None: the checkpoint's) -> a torch.dtype or None."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return None
+    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        raise ValueError(f"{name} must be None or 'auto' (the checkpoint's), or a floating dtype such as "
+                         f"torch.bfloat16 or 'bfloat16', got {dtype!r}")
+    return resolved
+
+
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -368,9 +400,11 @@ def _offload(
     model._moe_swap_streamer = streamer  # keeps the HostStore and ring alive as long as the model
 
     device_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
-    if streamer is not None and mode != "uva":
-        # the ring or the expert cache (allocated at the first acquire)
-        device_bytes += plan.slots * plan.slot_bytes + cache_bytes
+    # the ring or the expert cache (allocated at the first step), as the streamer's stats() report it
+    placement = streamer.placement() if streamer is not None else {"slots": 0, "slot_bytes": 0, "cache_bytes": 0,
+                                                                  "device_bytes": 0}
+    device_bytes += placement["device_bytes"]
+    streamed_expert_bytes = sum(layer_bytes[i] for i in plan.streamed)
     report = OffloadReport(
         model_type=config.model_type,
         device=str(device),
@@ -379,16 +413,17 @@ def _offload(
         moe_layers=[layer.layer_index for layer in layers],
         resident_layers=[layers[i].layer_index for i in plan.resident],
         streamed_layers=[layers[i].layer_index for i in plan.streamed],
-        slots=plan.slots,
-        slot_bytes=plan.slot_bytes,
+        slots=placement["slots"],
+        slot_bytes=placement["slot_bytes"],
         device_bytes=device_bytes,
         pinned_bytes=int(streamer.host_bytes) if streamer is not None else 0,
-        streamed_bytes_per_forward=sum(layer_bytes[i] for i in plan.streamed),
+        streamed_bytes_per_forward=streamed_expert_bytes if policy == "full" else None,
         expert_bytes=sum(layer_bytes),
+        streamed_expert_bytes=streamed_expert_bytes,
         gpu_budget=plan.budget,
         warnings=list(plan.warnings),
         streamer=streamer,
-        cache_bytes=cache_bytes,
+        cache_bytes=placement["cache_bytes"],
         eviction=eviction if policy != "full" else "",
         predict=bool(predict and policy != "full"),
         ids_path=ids_path if policy != "full" else "",

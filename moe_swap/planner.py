@@ -35,6 +35,9 @@ def parse_bytes(value: Union[int, str], name: str = "gpu_budget") -> int:
     if isinstance(value, float):
         if not (0 <= value < float("inf")):  # NaN fails this too
             raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value}")
+        if not value.is_integer():  # 1.5 is far more likely to mean 1.5 GiB than 1 byte
+            raise ValueError(f"{name}={value!r} is not a whole number of bytes; give a size with its unit, e.g. "
+                             f"'{value:g}GiB' or '{value:g}GB', or an int")
         return int(value)
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a byte count (int) or a string such as '20GiB', "
@@ -141,7 +144,7 @@ def plan_placement(
     everything = base_bytes + sum(layer_bytes)
     if budget >= everything:
         return Plan(list(range(num_layers)), [], 0, 0, base_bytes, sum(layer_bytes), budget,
-                    [f"gpu_budget={format_bytes(budget)} holds every expert (the whole model needs "
+                    [f"gpu_budget={format_bytes(budget)} ({budget:,} bytes) holds every expert (the whole model needs "
                      f"{format_bytes(everything)}); no layer is streamed, nothing was offloaded"])
 
     copies = 1 if on_demand else slots

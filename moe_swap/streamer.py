@@ -23,6 +23,7 @@ import numbers
 import operator
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -456,10 +457,29 @@ class WeightStreamer:
             # the guess is not the host path's to order after this step: predict it now
             self.predict(next_layer, next_ids)
             guess = (-1, None)
+        if region is not None and not torch.compiler.is_compiling():  # a compiled graph decided at trace time
+            self._count_region_step(layer, topk_ids, this_on_region)
         if this_on_region:
             return region.moe(hidden_states, topk_weights, topk_ids, activation)
         return torch.ops.moe_swap.streamer_moe(self.handle, layer, hidden_states, topk_weights, topk_ids,
                                                activation, *guess)
+
+    def _count_region_step(self, layer: int, topk_ids: Tensor, fits: bool) -> None:
+        """A step with more ids than its layer's device region has slots takes the host path: expected for
+        a prefill. When most steps of a layer do (decode at a large batch, a small region) the device path
+        hardly runs: say so, once, and count them (``stats()``'s ``wide_steps``)."""
+        if fits:
+            self._region_steps[layer] += 1
+            return
+        self._wide_steps[layer] += 1
+        if not self._warned_wide and self._wide_steps[layer] > max(8, self._region_steps[layer]):
+            self._warned_wide = True
+            warnings.warn(
+                f"ids_path='device': {self._wide_steps[layer]} of layer {layer}'s {self._wide_steps[layer] + self._region_steps[layer]} "
+                f"steps routed more ids (the last: {topk_ids.numel()}) than its device region's "
+                f"{self._regions[layer].slots} slots and took the host path (a sync and copy-engine copies) "
+                f"instead: give a larger gpu_budget or use a smaller batch. Shown once; stats()['wide_steps'] "
+                f"counts them per layer.", UserWarning, stacklevel=3)
 
     def predict(self, layer: int, expert_ids: Tensor) -> None:
         """Start copying the experts in ``expert_ids`` (a guess at ``layer``'s next routing) that are
@@ -507,6 +527,9 @@ class WeightStreamer:
             slots = min(w13_shape[0], share // expert_bytes[layer])
             regions.append(_DeviceRegion(self.handle, layer, slots, self.device, side_stream) if slots > 0 else None)
         self._regions = regions
+        self._wide_steps = [0] * len(regions)  # steps that took the host path (too wide for the region)
+        self._region_steps = [0] * len(regions)  # steps on the region
+        self._warned_wide = False
 
     def cache_state(self) -> dict:
         """The expert cache: pool slots, capacity (slots kept between steps), occupied slots, bytes
@@ -545,9 +568,25 @@ class WeightStreamer:
     def slot_bytes(self) -> int:
         return self._info()[3]
 
+    def placement(self) -> dict:
+        """What this streamer holds on the device, as planned (the ring and the expert cache are allocated
+        at the first step): ring ``slots`` x ``slot_bytes`` under policy full (none in mode ``uva``), the
+        expert cache's ``cache_bytes`` under on_demand/auto (their two copy channels hold no memory).
+        The one source of these figures for :meth:`stats` and :class:`moe_swap.OffloadReport`."""
+        layer_bytes = [(math.prod(w13) + math.prod(w2)) * torch.empty((), dtype=dtype).element_size()
+                       for w13, w2, dtype, _ in _LAYER_META[self.handle]]
+        ring = self.policy == "full" and self.mode != "uva"
+        slots = self.slots if ring else 0
+        slot_bytes = max(layer_bytes, default=0) if ring else 0
+        cache_bytes = self.cache_bytes if self.policy != "full" else 0
+        return {"policy": self.policy, "mode": self.mode, "slots": slots, "slot_bytes": slot_bytes,
+                "cache_bytes": cache_bytes, "device_bytes": slots * slot_bytes + cache_bytes}
+
     def stats(self) -> dict:
         """Statistics: totals, per layer (bytes copied, copies and chunks issued, acquires, hits,
-        demand copies, compute-stream wait time), and with ``trace=True`` the copy/wait/hold spans."""
+        demand copies, compute-stream wait time), and with ``trace=True`` the copy/wait/hold spans.
+        ``policy``, ``mode``, ``slots``, ``slot_bytes``, ``cache_bytes`` and ``device_bytes`` are
+        :meth:`placement`'s (planned); ``device_bytes_allocated`` is what is allocated now."""
         table, trace = torch.ops.moe_swap.streamer_stats(self.handle)
         info = self._info()
         layers = []
@@ -557,6 +596,7 @@ class WeightStreamer:
         for row, device_row in zip(table.tolist(), device_rows):
             entry = dict(zip(_STATS_COLUMNS, row))
             entry["device_steps"] = 0
+            entry["wide_steps"] = self._wide_steps[len(layers)] if self._regions is not None else 0
             if device_row is not None:  # the device path's steps (their counts live on the device)
                 entry["device_steps"] = device_row.pop("device_steps")
                 for key, value in device_row.items():
@@ -570,8 +610,8 @@ class WeightStreamer:
                                           if entry["routed_distinct"] else 0.0)
             layers.append(entry)
         out = {
-            "mode": self.mode, "device": str(self.device), "slots": info[4], "prefetch_depth": info[5],
-            "host_bytes": info[1], "device_bytes": info[2], "slot_bytes": info[3],
+            **self.placement(), "device": str(self.device), "prefetch_depth": info[5], "host_bytes": info[1],
+            "device_bytes_allocated": info[2],
             "bytes_copied": sum(l["bytes_copied"] for l in layers),
             "copies_issued": sum(l["copies_issued"] for l in layers),
             "wait_ms": sum(l["wait_ms"] for l in layers),
@@ -582,8 +622,9 @@ class WeightStreamer:
             hits = sum(l["expert_hits"] for l in layers)
             misses = sum(l["expert_misses"] for l in layers)
             routed = sum(l["routed_distinct"] for l in layers)
-            out.update(policy=self.policy, eviction=self.eviction, ids_path=self.ids_path,
-                       device_steps=sum(l["device_steps"] for l in layers), expert_hits=hits, expert_misses=misses,
+            out.update(eviction=self.eviction, ids_path=self.ids_path,
+                       device_steps=sum(l["device_steps"] for l in layers),
+                       wide_steps=sum(l["wide_steps"] for l in layers), expert_hits=hits, expert_misses=misses,
                        evictions=sum(l["evictions"] for l in layers), hit_rate=hits / (hits + misses) if hits + misses else 0.0,
                        predicted=sum(l["predicted"] for l in layers),
                        prediction_recall=sum(l["predicted_used"] for l in layers) / routed if routed else 0.0,

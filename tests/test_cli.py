@@ -90,7 +90,32 @@ def test_bench_writes_json_and_png(tmp_path, tiny_config, capsys):
     assert set(results["skipped"]) == {"uva", "accelerate"}  # GPU only
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in results["runs"])
     assert (out / "bench.png").stat().st_size > 1000
-    assert "decode vs full" in capsys.readouterr().out
+    for r in results["runs"]:  # the median round, and the spread of the rounds around it
+        low, high = r["decode_tokens_per_s_min_max"]
+        assert low <= r["decode_tokens_per_s"] <= high
+    printed = capsys.readouterr().out
+    assert "decode vs full" in printed and "[min-max]" in printed
+    # the skipped modes are said before any measurement
+    assert printed.index("skipped uva") < printed.index("resident")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--device", "cuda:0"], "torch.cuda.is_available() is False"),
+    (["demo", "--device", "tpu"], "device must be"),
+    (["demo", "--device", "cpu", "--policy", "nope"], "policy must be one of"),
+    (["demo", "--device", "cpu", "--gpu-budget", "lots"], "--gpu-budget='lots' is not a size"),
+    (["demo", "--device", "cpu", "--slots", "1"], "slots must be an int >= 2"),
+    (["bench", "--device", "cpu", "--gpu-budget", "-3"], "is not a size"),
+])
+def test_bad_options_fail_before_any_model_is_built(argv, message, capsys, monkeypatch):
+    if "cuda" in argv[2] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    built = []
+    monkeypatch.setattr(cli, "build_random_checkpoint", lambda *a, **k: built.append(a))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not built
 
 
 def test_info_runs(capsys):

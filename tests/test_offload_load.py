@@ -57,6 +57,15 @@ def test_load_sharded_bfloat16_with_budget(tmp_path):
     assert (got - expected).abs().mean() <= 0.01 * scale
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "torch.bfloat16", torch.bfloat16])
+def test_load_takes_dtype_as_transformers_spells_it(tmp_path, dtype):
+    tiny_model("qwen3_moe", num_hidden_layers=2).save_pretrained(tmp_path)
+    loaded = moe_swap.load(str(tmp_path), device="cpu", dtype=dtype)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype must be None or 'auto'.*got 'int8'"):
+        moe_swap.load(str(tmp_path), device="cpu", dtype="int8")
+
+
 def test_load_reports_time_and_peak_host_memory(tmp_path):
     saved(tmp_path, "mixtral")
     model = moe_swap.load(str(tmp_path), device="cpu")

@@ -152,3 +152,43 @@ def test_offload_on_cuda_gives_the_unmodified_models_tokens_cuda(model_type, pol
     assert stats["bytes_copied"] > 0
     if ids_path == "device":
         assert stats["device_steps"] > 0
+
+
+@pytest.mark.parametrize("policy, mode", [("full", "full"), ("full", "sync"), ("on_demand", "full"), ("auto", "full")])
+def test_report_and_stats_agree(policy, mode):
+    # one source of truth: the report's streamer figures are the streamer's stats(), before and after a step
+    model, report = offloaded(tiny_model("qwen3_moe"), policy=policy, mode=mode)
+    ids = prompt()
+    for when in ("before", "after"):
+        stats = report.stats()
+        assert (stats["policy"], stats["mode"]) == (report.policy, report.mode), when
+        assert (stats["slots"], stats["slot_bytes"], stats["cache_bytes"]) == \
+            (report.slots, report.slot_bytes, report.cache_bytes), when
+        non_streamer = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        assert report.device_bytes == non_streamer + stats["device_bytes"], when
+        logits(model, ids)
+    assert stats["device_bytes_allocated"] == stats["device_bytes"]  # what was planned is what was allocated
+    if policy == "full":
+        assert report.slots == 2 and report.streamed_bytes_per_forward == report.streamed_expert_bytes
+        assert report.cache_bytes == 0
+    else:  # the ring is unused on demand; what a forward streams depends on the routing
+        assert report.slots == 0 and report.slot_bytes == 0 and report.cache_bytes > 0
+        assert report.streamed_bytes_per_forward is None
+        assert 0 < report.copied_bytes and "only routed experts missing from the cache" in str(report)
+
+
+def test_device_ids_path_warns_once_when_most_steps_are_too_wide():
+    model, report = offloaded(tiny_model("qwen3_moe"), policy="on_demand", ids_path="device")
+    region_slots = max(r[0] for r in report.streamer.cache_state()["device_regions"] if r is not None)
+    top_k = moe_swap.models.family_for_config(model.config).routing(model.config).top_k
+    wide = prompt(batch=region_slots // top_k + 1)[:, :1]  # one decode-like step whose ids overflow the region
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            for _ in range(12):
+                model(wide)
+    said = [w for w in caught if "took the host path" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in caught]
+    stats = report.stats()
+    assert stats["wide_steps"] == 12 * len(report.streamed_layers) and stats["device_steps"] == 0
+    assert "wide steps" in report.cache_table()

@@ -34,6 +34,15 @@ def test_parse_bytes_rejects_wrong_types_and_negatives(bad):
         parse_bytes(bad)
 
 
+def test_parse_bytes_floats_must_be_whole_bytes():
+    # 1.5 almost surely means 1.5 GiB or GB, never one byte: refused, suggesting the unit
+    with pytest.raises(ValueError, match=r"gpu_budget=1.5 is not a whole number of bytes.*'1.5GiB'"):
+        parse_bytes(1.5)
+    assert parse_bytes(2.0 * GiB) == 2 * GiB and isinstance(parse_bytes(2.0 * GiB), int)
+    with pytest.raises(ValueError, match="finite"):
+        parse_bytes(float("nan"))
+
+
 def test_format_bytes():
     assert format_bytes(100) == "100 B"
     assert format_bytes(1536) == "1.50 KiB"
