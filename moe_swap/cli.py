@@ -360,12 +360,15 @@ def _plot_bench(results: dict, path: str) -> None:
     width = 0.8 / max(1, len(modes))
     for ax, key, title in ((axes[0], "prefill_tokens_per_s", "prefill"), (axes[1], "decode_tokens_per_s", "decode")):
         for i, mode in enumerate(modes):
-            values = [next((r[key] for r in runs if r["mode"] == mode and r["batch"] == b), 0) for b in batches]
-            ax.bar([x + i * width for x in range(len(batches))], values, width, label=mode)
+            picked = [next((r for r in runs if r["mode"] == mode and r["batch"] == b), None) for b in batches]
+            values = [r[key] if r else 0 for r in picked]
+            spread = [[r[key] - r[f"{key}_min_max"][0] if r else 0 for r in picked],  # the rounds' min-max
+                      [r[f"{key}_min_max"][1] - r[key] if r else 0 for r in picked]]
+            ax.bar([x + i * width for x in range(len(batches))], values, width, yerr=spread, capsize=2, label=mode)
         ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(batches))])
         ax.set_xticklabels([f"batch {b}" for b in batches])
         ax.set_yscale("log")
-        ax.set_ylabel("tokens / s (log)")
+        ax.set_ylabel("tokens / s (log; bars: median, whiskers: min-max)")
         ax.set_title(f"{title} ({results['model']}, {results['device']})")
     # one legend above both charts, never over the bars
     handles, labels = axes[0].get_legend_handles_labels()
