@@ -14,11 +14,17 @@ TORCH_LIBRARY(moe_swap, m) {
       "topk_route(Tensor router_logits, int top_k, str scoring=\"softmax\", bool renormalize=False, "
       "int num_expert_group=1, int topk_group=1, Tensor? correction_bias=None, "
       "float routed_scaling_factor=1.0) -> (Tensor topk_weights, Tensor topk_ids)");
-  // The MoE layer: out[t] = sum_j w[t,j] * w2[e] @ (act(w13[e,:I] @ x_t) * (w13[e,I:] @ x_t)),
-  // e = expert_map[topk_ids[t,j]] when a map is given (-1: not held here, contributes nothing).
+  // The MoE layer: out[t] = sum_j w[t,j] * (w2[e] @ h + b2[g]), g = topk_ids[t,j] (global id),
+  // e = expert_map[g] when a map is given (-1: not held here, contributes nothing), else e = g;
+  // gated: h = act(w13[e,:I] @ x_t + b13[g,:I]) * (w13[e,I:] @ x_t + b13[g,I:]) with w13 [E, 2I, H];
+  // gated=False: h = act(w13[e] @ x_t + b13[g]) with w13 [E, I, H]. Activations: silu, gelu,
+  // gelu_tanh, relu2, swiglu_clamp (gpt-oss: gated only, uses swiglu_alpha/limit). The biases
+  // w13_bias [E_global, 2I or I] and w2_bias [E_global, H] are indexed by the global id g, so a
+  // cache holding only some experts' weights keeps every expert's biases whole and resident.
   m.def(
       "fused_moe(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
-      "Tensor? expert_map=None, str activation=\"silu\") -> Tensor");
+      "Tensor? expert_map=None, str activation=\"silu\", Tensor? w13_bias=None, Tensor? w2_bias=None, "
+      "bool gated=True, float swiglu_alpha=1.702, float swiglu_limit=7.0) -> Tensor");
   // Device-side on_demand step (no host sync; capturable on CUDA): read topk_ids, stamp hits and
   // pick LRU victims in the layer's pool region [slot_base, +C) (state: slot_expert int32 [C],
   // slot_stamp int64 [C], clock int64 [1]), pull missing experts from host_w13/host_w2 (CUDA: a

@@ -1024,11 +1024,14 @@ at::Tensor streamer_moe(int64_t handle, int64_t layer, const at::Tensor& hidden_
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("moe_swap::fused_moe", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view)>();
+                            const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double,
+                            double)>();
   auto [w13, w2, expert_map] = streamer->acquire_experts(layer, topk_ids, next_layer, next_ids);
   at::Tensor out;
   try {
-    out = fused_moe.call(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation);
+    out = fused_moe.call(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation, std::nullopt,
+                         std::nullopt, true, 1.702, 7.0);
   } catch (...) {
     streamer->release_experts(layer);
     throw;
