@@ -156,8 +156,8 @@ def fused_moe(
     """
     _check_tensors(hidden_states=hidden_states, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
     return torch.ops.moe_swap.fused_moe.default(
-        hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation, w13_bias, w2_bias, bool(gated),
-        float(swiglu_alpha), float(swiglu_limit),
+        hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation, w13_bias, w2_bias, gated,
+        swiglu_alpha, swiglu_limit,
     )
 
 

@@ -463,7 +463,7 @@ class WeightStreamer:
             # the guess is not the host path's to order after this step: predict it now
             self.predict(next_layer, next_ids)
             guess = (-1, None)
-        options = (w13_bias, w2_bias, bool(gated), float(swiglu_alpha), float(swiglu_limit))
+        options = (w13_bias, w2_bias, gated, swiglu_alpha, swiglu_limit)
         if this_on_region:
             return region.moe(hidden_states, topk_weights, topk_ids, activation, *options)
         return torch.ops.moe_swap.streamer_moe(self.handle, layer, hidden_states, topk_weights, topk_ids,
