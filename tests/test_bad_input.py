@@ -1284,8 +1284,8 @@ def test_offload_rejects_and_leaves_the_model_alone(tiny_moe_model, kwargs, matc
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(dtype="bfloat16"), "dtype must be None .* or a floating torch.dtype"),
-    (dict(dtype=torch.int8), "dtype must be None .* or a floating torch.dtype"),
+    (dict(dtype="bfloat17"), "dtype must be None or 'auto' .* or a floating dtype such as torch.bfloat16 or 'bfloat16'"),
+    (dict(dtype=torch.int8), "dtype must be None or 'auto' .* or a floating dtype"),
     (dict(slots=2.0), "slots must be an int >= 2"),
     (dict(prefetch_depth=5), r"prefetch_depth must be an int in \[0, slots - 1\]"),
     (dict(gpu_budget=float("inf")), "gpu_budget must be a finite number of bytes"),
