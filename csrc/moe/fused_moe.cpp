@@ -28,14 +28,12 @@ namespace {
 
 using cpu::WeightType;
 
-// Experts with at most this many tokens take the tiled path. Measured on AVX-512 (2 cores, Mixtral-
-// and Qwen3-like shapes): reading the weights once beats MKL, which packs (rereads and rewrites) the
-// weights per call and runs one parallel region per expert, up to about 64-128 tokens per expert.
-// MOE_SWAP_CPU_SMALL_BATCH overrides it (the tests use it to run both paths).
+// Experts with at most this many tokens take the tiled path: the kernel build's measured limit (see
+// fused_moe_cpu_dispatch.cpp); MOE_SWAP_CPU_SMALL_BATCH overrides it (the tests use it to run both paths).
 int64_t small_batch_limit() {
   static const int64_t limit = [] {
     const char* env = std::getenv("MOE_SWAP_CPU_SMALL_BATCH");
-    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{128};
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : cpu::kernel_build().small_batch_limit;
   }();
   return limit;
 }
@@ -135,8 +133,8 @@ struct ExpertWork {
 void run_small_experts(const ExpertWork& work, const std::vector<int64_t>& experts) {
   const int64_t H = work.s.hidden_size, I = work.s.intermediate_size;
   const int64_t min_tiles = 4 * at::get_num_threads();
-  const auto rows_times_tokens = cpu::rows_times_tokens();
-  const auto act_and_mul = cpu::act_and_mul();
+  const auto rows_times_tokens = cpu::kernel_build().rows_times_tokens;
+  const auto act_and_mul = cpu::kernel_build().act_and_mul;
   const int activation = static_cast<int>(work.s.activation);
 
   const std::vector<RowTile> up_tiles = cut_into_tiles(experts, I, min_tiles);
@@ -178,7 +176,7 @@ void run_large_experts(const ExpertWork& work, const std::vector<int64_t>& exper
                        const at::Tensor& expert_out) {
   if (experts.empty()) return;
   const int64_t I = work.s.intermediate_size;
-  const auto act_and_mul = cpu::act_and_mul();
+  const auto act_and_mul = cpu::kernel_build().act_and_mul;
   const int activation = static_cast<int>(work.s.activation);
   const bool widen = w13.scalar_type() != at::kFloat;
   at::Tensor w13_wide, w2_wide;

@@ -3,7 +3,7 @@
 // compiled for AVX-512 can leak into the rest of the library; it only runs when the CPU has AVX-512.
 #include "moe/fused_moe_cpu_kernels.h"
 
-#if defined(MOE_SWAP_HAVE_AVX512_KERNELS)
+#if defined(MOE_SWAP_HAVE_X86_KERNELS)
 
 #include <immintrin.h>
 
@@ -229,4 +229,4 @@ void act_and_mul_avx512(const float* gate, const float* up, float* out, int64_t 
 
 #pragma GCC pop_options
 
-#endif  // MOE_SWAP_HAVE_AVX512_KERNELS
+#endif  // MOE_SWAP_HAVE_X86_KERNELS
