@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -114,6 +115,20 @@ std::vector<RowTile> cut_into_tiles(const std::vector<int64_t>& experts, int64_t
   return tiles;
 }
 
+// Runs fn(i) for every tile i < num_tiles on torch's threads, each thread claiming the next tile from a
+// shared counter: a thread the OS runs late (other processes on the cores) or a slow tile leaves the
+// remaining tiles to the others instead of holding a fixed share of them until the join.
+template <typename Fn>
+void run_tiles(int64_t num_tiles, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), num_tiles);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < num_tiles;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      fn(i);
+  });
+}
+
 struct ExpertWork {
   const FusedMoeSizes& s;
   WeightType w_type;
@@ -138,35 +153,31 @@ void run_small_experts(const ExpertWork& work, const std::vector<int64_t>& exper
   const int activation = static_cast<int>(work.s.activation);
 
   const std::vector<RowTile> up_tiles = cut_into_tiles(experts, I, min_tiles);
-  at::parallel_for(0, static_cast<int64_t>(up_tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gate, up;
-    for (int64_t i = begin; i < end; ++i) {
-      const RowTile& tile = up_tiles[i];
-      const int64_t row0 = work.row_begin[tile.expert];
-      const int64_t n = work.row_begin[tile.expert + 1] - row0;
-      const int64_t width = tile.row1 - tile.row0;
-      gate.resize(n * width);
-      up.resize(n * width);
-      const char* w = work.w13_of(tile.expert);
-      rows_times_tokens(work.x + row0 * H, n, H, w + tile.row0 * H * work.w_elem_bytes, work.w_type, width, H, H,
-                        gate.data(), width);
-      rows_times_tokens(work.x + row0 * H, n, H, w + (I + tile.row0) * H * work.w_elem_bytes, work.w_type, width, H,
-                        H, up.data(), width);
-      for (int64_t t = 0; t < n; ++t)
-        act_and_mul(gate.data() + t * width, up.data() + t * width, work.activated + (row0 + t) * I + tile.row0,
-                    width, activation, work.w_type);
-    }
+  run_tiles(static_cast<int64_t>(up_tiles.size()), [&](int64_t i) {
+    thread_local std::vector<float> gate, up;  // kept per thread: no allocation per tile
+    const RowTile& tile = up_tiles[i];
+    const int64_t row0 = work.row_begin[tile.expert];
+    const int64_t n = work.row_begin[tile.expert + 1] - row0;
+    const int64_t width = tile.row1 - tile.row0;
+    gate.resize(n * width);
+    up.resize(n * width);
+    const char* w = work.w13_of(tile.expert);
+    rows_times_tokens(work.x + row0 * H, n, H, w + tile.row0 * H * work.w_elem_bytes, work.w_type, width, H, H,
+                      gate.data(), width);
+    rows_times_tokens(work.x + row0 * H, n, H, w + (I + tile.row0) * H * work.w_elem_bytes, work.w_type, width, H,
+                      H, up.data(), width);
+    for (int64_t t = 0; t < n; ++t)
+      act_and_mul(gate.data() + t * width, up.data() + t * width, work.activated + (row0 + t) * I + tile.row0,
+                  width, activation, work.w_type);
   });
 
   const std::vector<RowTile> down_tiles = cut_into_tiles(experts, H, min_tiles);
-  at::parallel_for(0, static_cast<int64_t>(down_tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const RowTile& tile = down_tiles[i];
-      const int64_t row0 = work.row_begin[tile.expert];
-      const int64_t n = work.row_begin[tile.expert + 1] - row0;
-      rows_times_tokens(work.activated + row0 * I, n, I, work.w2_of(tile.expert) + tile.row0 * I * work.w_elem_bytes,
-                        work.w_type, tile.row1 - tile.row0, I, I, work.expert_out + row0 * H + tile.row0, H);
-    }
+  run_tiles(static_cast<int64_t>(down_tiles.size()), [&](int64_t i) {
+    const RowTile& tile = down_tiles[i];
+    const int64_t row0 = work.row_begin[tile.expert];
+    const int64_t n = work.row_begin[tile.expert + 1] - row0;
+    rows_times_tokens(work.activated + row0 * I, n, I, work.w2_of(tile.expert) + tile.row0 * I * work.w_elem_bytes,
+                      work.w_type, tile.row1 - tile.row0, I, I, work.expert_out + row0 * H + tile.row0, H);
   });
 }
 

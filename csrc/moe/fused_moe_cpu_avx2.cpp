@@ -68,14 +68,21 @@ constexpr int64_t element_bytes(WeightType w) { return w == WeightType::kFloat32
 
 // kRows weight rows against kTokens tokens in kRows * kTokens accumulators. The 16 ymm registers hold
 // the accumulators, kRows weight vectors (each widened once, used kTokens times) and one token vector.
+// next_rows: the rows the caller reads after these (nullptr: none), prefetched a cache line per row as
+// this tile reads the same line of its own rows. Rows are short (2-6 KB), too short for the hardware
+// prefetcher to ramp up before each one ends; this keeps the next block's lines in flight.
 template <WeightType W, int kRows, int kTokens>
 inline void micro_tile(const float* x, int64_t ld_x, const char* w, int64_t row_bytes, int64_t depth, float* out,
-                       int64_t ld_out) {
+                       int64_t ld_out, const char* next_rows) {
+  constexpr int64_t kLineElements = 64 / element_bytes(W);
   __m256 acc[kRows][kTokens];
   for (int r = 0; r < kRows; ++r)
     for (int t = 0; t < kTokens; ++t) acc[r][t] = _mm256_setzero_ps();
   int64_t h = 0;
   for (; h + kLanes <= depth; h += kLanes) {
+    if (next_rows != nullptr && h % kLineElements == 0)
+      for (int r = 0; r < kRows; ++r)
+        _mm_prefetch(next_rows + r * row_bytes + h * element_bytes(W), _MM_HINT_T0);
     __m256 wv[kRows];
     for (int r = 0; r < kRows; ++r) wv[r] = load_weights<W>(w + r * row_bytes, h);
     for (int t = 0; t < kTokens; ++t) {
@@ -100,22 +107,29 @@ inline void micro_tile(const float* x, int64_t ld_x, const char* w, int64_t row_
 // so memory reads each weight once whatever the token count.
 template <WeightType W, int kRows, int kMaxTokens>
 inline void rows_block(const float* x, int64_t num_tokens, int64_t ld_x, const char* w, int64_t row_bytes,
-                       int64_t depth, float* out, int64_t ld_out) {
+                       int64_t depth, float* out, int64_t ld_out, const char* next_rows) {
   int64_t t = 0;
-  for (; t + kMaxTokens <= num_tokens; t += kMaxTokens)
-    micro_tile<W, kRows, kMaxTokens>(x + t * ld_x, ld_x, w, row_bytes, depth, out + t * ld_out, ld_out);
+  for (; t + kMaxTokens <= num_tokens; t += kMaxTokens, next_rows = nullptr)  // the first group prefetches
+    micro_tile<W, kRows, kMaxTokens>(x + t * ld_x, ld_x, w, row_bytes, depth, out + t * ld_out, ld_out, next_rows);
   const int64_t rest = num_tokens - t;
   if constexpr (kMaxTokens > 1) {
     if (rest > 0) {
       // The remainder, one template instance per count below kMaxTokens.
       [&]<int... kCounts>(std::integer_sequence<int, kCounts...>) {
-        ((rest == kCounts + 1
-              ? micro_tile<W, kRows, kCounts + 1>(x + t * ld_x, ld_x, w, row_bytes, depth, out + t * ld_out, ld_out)
-              : void()),
+        ((rest == kCounts + 1 ? micro_tile<W, kRows, kCounts + 1>(x + t * ld_x, ld_x, w, row_bytes, depth,
+                                                                  out + t * ld_out, ld_out, next_rows)
+                              : void()),
          ...);
       }(std::make_integer_sequence<int, kMaxTokens - 1>{});
     }
   }
+}
+
+// How many blocks ahead to prefetch: about 8 KB, which measured best among 4-32 KB on Zen 3 (the
+// hardware prefetchers cover the rest).
+inline int64_t prefetch_blocks_ahead(int64_t block_bytes) {
+  constexpr int64_t kPrefetchBytes = 8192;
+  return (kPrefetchBytes + block_bytes - 1) / block_bytes;
 }
 
 // Rows in blocks of kRows (then 2, then 1), each against all tokens.
@@ -125,16 +139,22 @@ void rows_times_tokens_blocked(const float* x, int64_t num_tokens, int64_t ld_x,
   const char* w_bytes = static_cast<const char*>(w);
   const int64_t row_bytes = ld_w * element_bytes(W);
   int64_t r = 0;
-  for (; r + kRows <= num_rows; r += kRows)
-    rows_block<W, kRows, kMaxTokens>(x, num_tokens, ld_x, w_bytes + r * row_bytes, row_bytes, depth, out + r, ld_out);
+  for (; r + kRows <= num_rows; r += kRows) {
+    const char* rows = w_bytes + r * row_bytes;
+    const int64_t ahead = prefetch_blocks_ahead(kRows * row_bytes);
+    const char* next_rows = r + (ahead + 1) * kRows <= num_rows ? rows + ahead * kRows * row_bytes : nullptr;
+    rows_block<W, kRows, kMaxTokens>(x, num_tokens, ld_x, rows, row_bytes, depth, out + r, ld_out, next_rows);
+  }
   if constexpr (kRows > 2) {
     if (r + 2 <= num_rows) {
-      rows_block<W, 2, kMaxTokens>(x, num_tokens, ld_x, w_bytes + r * row_bytes, row_bytes, depth, out + r, ld_out);
+      rows_block<W, 2, kMaxTokens>(x, num_tokens, ld_x, w_bytes + r * row_bytes, row_bytes, depth, out + r, ld_out,
+                                   nullptr);
       r += 2;
     }
   }
   if (r < num_rows)
-    rows_block<W, 1, kMaxTokens>(x, num_tokens, ld_x, w_bytes + r * row_bytes, row_bytes, depth, out + r, ld_out);
+    rows_block<W, 1, kMaxTokens>(x, num_tokens, ld_x, w_bytes + r * row_bytes, row_bytes, depth, out + r, ld_out,
+                                 nullptr);
 }
 
 template <WeightType W>
