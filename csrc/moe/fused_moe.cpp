@@ -103,12 +103,17 @@ struct RowTile {
   int64_t row1;
 };
 
-std::vector<RowTile> cut_into_tiles(const std::vector<int64_t>& experts, int64_t num_rows, int64_t min_tiles) {
+std::vector<RowTile> cut_into_tiles(const std::vector<int64_t>& experts, int64_t num_rows, int64_t row_bytes,
+                                    int64_t min_tiles) {
   std::vector<RowTile> tiles;
   if (experts.empty() || num_rows == 0) return tiles;
-  // Enough tiles to keep every thread busy, none narrower than 16 rows.
+  // Tiles of about 256 KB of weights: small enough that the last one leaves the other threads idle
+  // only briefly at the join, large enough that claiming one costs nothing next to reading it; and at
+  // least min_tiles of them, none narrower than 16 rows.
+  constexpr int64_t kTileBytes = 256 * 1024;
   const int64_t per_expert = std::max<int64_t>(1, (min_tiles + experts.size() - 1) / experts.size());
-  int64_t tile_rows = std::max<int64_t>(16, (num_rows + per_expert - 1) / per_expert);
+  int64_t tile_rows = std::min((num_rows + per_expert - 1) / per_expert, kTileBytes / std::max<int64_t>(1, row_bytes));
+  tile_rows = std::max<int64_t>(16, tile_rows);
   tile_rows = (tile_rows + 3) / 4 * 4;  // whole 4-row micro tiles
   for (int64_t e : experts)
     for (int64_t r = 0; r < num_rows; r += tile_rows) tiles.push_back({e, r, std::min(num_rows, r + tile_rows)});
@@ -152,7 +157,8 @@ void run_small_experts(const ExpertWork& work, const std::vector<int64_t>& exper
   const auto act_and_mul = cpu::kernel_build().act_and_mul;
   const int activation = static_cast<int>(work.s.activation);
 
-  const std::vector<RowTile> up_tiles = cut_into_tiles(experts, I, min_tiles);
+  // An up tile reads its rows of both gate and up.
+  const std::vector<RowTile> up_tiles = cut_into_tiles(experts, I, 2 * H * work.w_elem_bytes, min_tiles);
   run_tiles(static_cast<int64_t>(up_tiles.size()), [&](int64_t i) {
     thread_local std::vector<float> gate, up;  // kept per thread: no allocation per tile
     const RowTile& tile = up_tiles[i];
@@ -171,7 +177,7 @@ void run_small_experts(const ExpertWork& work, const std::vector<int64_t>& exper
                   width, activation, work.w_type);
   });
 
-  const std::vector<RowTile> down_tiles = cut_into_tiles(experts, H, min_tiles);
+  const std::vector<RowTile> down_tiles = cut_into_tiles(experts, H, I * work.w_elem_bytes, min_tiles);
   run_tiles(static_cast<int64_t>(down_tiles.size()), [&](int64_t i) {
     const RowTile& tile = down_tiles[i];
     const int64_t row0 = work.row_begin[tile.expert];
