@@ -61,14 +61,9 @@ void rows_times_tokens_typed(const float* x, int64_t num_tokens, int64_t ld_x, c
 
 void rows_times_tokens_generic(const float* x, int64_t num_tokens, int64_t ld_x, const void* w, WeightType w_type,
                                int64_t num_rows, int64_t ld_w, int64_t depth, float* out, int64_t ld_out) {
-  switch (w_type) {
-    case WeightType::kFloat32:
-      return rows_times_tokens_typed<WeightType::kFloat32>(x, num_tokens, ld_x, w, num_rows, ld_w, depth, out, ld_out);
-    case WeightType::kBFloat16:
-      return rows_times_tokens_typed<WeightType::kBFloat16>(x, num_tokens, ld_x, w, num_rows, ld_w, depth, out, ld_out);
-    case WeightType::kFloat16:
-      return rows_times_tokens_typed<WeightType::kFloat16>(x, num_tokens, ld_x, w, num_rows, ld_w, depth, out, ld_out);
-  }
+  with_weight_type(w_type, [&](auto type) {
+    rows_times_tokens_typed<decltype(type)::value>(x, num_tokens, ld_x, w, num_rows, ld_w, depth, out, ld_out);
+  });
 }
 
 void act_and_mul_generic(const float* gate, const float* up, float* out, int64_t n, int activation,

@@ -10,12 +10,24 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace moe_swap::cpu {
 
 // How the weights are stored; activations are always float.
 enum class WeightType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Calls fn(std::integral_constant<WeightType, W>{}) with W the run-time w_type: how each build turns
+// the one entry point into its kernel typed for W.
+template <typename Fn>
+inline void with_weight_type(WeightType w_type, Fn&& fn) {
+  switch (w_type) {
+    case WeightType::kFloat32: return fn(std::integral_constant<WeightType, WeightType::kFloat32>{});
+    case WeightType::kBFloat16: return fn(std::integral_constant<WeightType, WeightType::kBFloat16>{});
+    case WeightType::kFloat16: return fn(std::integral_constant<WeightType, WeightType::kFloat16>{});
+  }
+}
 
 // out[i * ld_out + r] = sum_h x[i * ld_x + h] * w[r * ld_w + h]   for i < num_tokens, r < num_rows.
 // Float accumulation. Meant for few tokens (decode): each weight row is read once per call.
