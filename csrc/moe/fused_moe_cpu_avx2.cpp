@@ -129,7 +129,7 @@ inline void rows_block(const float* x, int64_t num_tokens, int64_t ld_x, const c
 // hardware prefetchers cover the rest).
 inline int64_t prefetch_blocks_ahead(int64_t block_bytes) {
   constexpr int64_t kPrefetchBytes = 8192;
-  return (kPrefetchBytes + block_bytes - 1) / block_bytes;
+  return block_bytes > 0 ? (kPrefetchBytes + block_bytes - 1) / block_bytes : 1;  // 0: depth 0, nothing to read
 }
 
 // Rows in blocks of kRows (then 2, then 1), each against all tokens.
