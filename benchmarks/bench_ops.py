@@ -3,28 +3,37 @@
 One run measures everything it compares, so the ratios are between numbers taken under the same
 conditions:
 
-CPU  fused_moe vs transformers' experts forward (`eager`, `grouped_mm`) on the same weights, at
-     decode (T=1, 4), middle (T=64) and prefill (T=512), Mixtral-like and Qwen3-like shapes, plus a
-     plain matmul of the same FLOPs and a plain memory copy as ceilings.
+CPU  per dtype and per build of the CPU inner loops this machine runs (avx512_bf16, avx512, avx2,
+     generic; --kernels), on Mixtral-like, Qwen3-like and issue 14's Qwen3 (H 1024, I 768, 64
+     experts, top-8) shapes, at decode (T=1, 2, 4), middle (T=64) and prefill (T=512):
+       - tokens/s of fused_moe vs transformers' experts forward (`eager`, `grouped_mm`), same weights;
+       - decode: GB/s of the selected experts' weights read, vs the machine's read ceiling measured in
+         the same run (a multi-threaded streaming sum over a buffer far larger than the L3, and
+         torch's own copy rate);
+       - prefill: GFLOP/s vs torch's matmul in that dtype (F.linear, as a model calls it) and in float32.
+     Rounds alternate the implementations (each round runs every one, in a rotated order); the
+     report gives the median of the round medians and their spread (min-max).
 GPU  (when CUDA is available) decode bandwidth over the selected experts' bytes as a fraction of a
      device-to-device copy; prefill TFLOP/s as a fraction of a large bf16 matmul; vs `grouped_mm`.
 
-Every call gets a fresh routing (cycled from a pre-drawn set), so weights come from memory as they
-would in a model, not from a cache warmed by the previous call. Implementations are interleaved call
-by call, so load from other processes hits them alike. Times are medians.
+Every call gets a fresh routing (cycled from a pre-drawn set) and, on the CPU, the next of several
+copies of the layer's weights (together several times the L3), so weights come from memory as they
+would in a model, not from a cache warmed by the previous call.
 
-    python benchmarks/bench_ops.py                      # GPU if present, else CPU (both dtypes)
-    python benchmarks/bench_ops.py --sections cpu,gpu   # both
-    python benchmarks/bench_ops.py --dtypes bfloat16 --out bench_results/cpu_bf16.json
+    python benchmarks/bench_ops.py                      # GPU if present, else CPU (all dtypes, best build)
+    python benchmarks/bench_ops.py --sections cpu --kernels all       # every build this CPU runs
+    python benchmarks/bench_ops.py --dtypes bfloat16 --shapes qwen3-issue14 --out bench_results/q.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,8 +47,9 @@ CPU_SHAPES = {
     # name: (hidden H, intermediate I, experts E, top_k k)
     "mixtral-like": (1024, 2816, 8, 2),
     "qwen3-like": (1024, 384, 64, 8),
+    "qwen3-issue14": (1024, 768, 64, 8),
 }
-CPU_TOKENS = {"decode": [1, 4], "middle": [64], "prefill": [512]}
+CPU_TOKENS = {"decode": [1, 2, 4], "middle": [64], "prefill": [512]}
 GPU_SHAPES = {
     "mixtral-8x7b": (4096, 14336, 8, 2),
     "qwen3-30b-a3b": (2048, 768, 128, 8),
@@ -55,10 +65,10 @@ def hf_experts(hidden, inter, num_experts, top_k, w13, w2):
 
     config = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=num_experts,
                            num_experts_per_tok=top_k)
-    module = MixtralExperts(config).to(device=w13.device, dtype=w13.dtype)
-    module.gate_up_proj.data = w13
-    module.down_proj.data = w2
-    module.requires_grad_(False)
+    with torch.device("meta"):
+        module = MixtralExperts(config)
+    module.gate_up_proj = torch.nn.Parameter(w13, requires_grad=False)
+    module.down_proj = torch.nn.Parameter(w2, requires_grad=False)
 
     def run(implementation):
         def forward(x, weights, ids):
@@ -78,25 +88,29 @@ def make_routings(num_tokens, num_experts, top_k, device, count=NUM_ROUTINGS):
     return routings
 
 
-def time_interleaved(fns, args_cycle, sync, min_runs=5, min_seconds=1.0, max_runs=200, warmup=2):
-    """Median seconds per call of each fn, the fns interleaved call by call."""
-    samples = {name: [] for name in fns}
-    for i in range(warmup):
-        for fn in fns.values():
-            fn(*args_cycle[i % len(args_cycle)])
-    sync()
-    start = time.perf_counter()
-    i = 0
-    while i < max_runs and (i < min_runs or time.perf_counter() - start < min_seconds * len(fns)):
-        args = args_cycle[i % len(args_cycle)]
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn(*args)
-            sync()
-            samples[name].append(time.perf_counter() - t0)
-        i += 1
-    return {name: statistics.median(s) for name, s in samples.items()}, i
+def time_rounds(fns, num_calls, rounds, seconds_per_round):
+    """Per fn, the median seconds per call of each round; fns alternate by round, in a rotated order.
+    fns[name](i) runs call i (each call its own routing and weight copy)."""
+    names = list(fns)
+    per_round = {name: [] for name in names}
+    for name in names:  # warm-up: first-call costs (allocations, lazy init) out of the rounds
+        fns[name](0)
+    call = 1
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples = []
+            start = time.perf_counter()
+            while len(samples) < num_calls or (time.perf_counter() - start < seconds_per_round and len(samples) < 200):
+                t0 = time.perf_counter()
+                fns[name](call)
+                samples.append(time.perf_counter() - t0)
+                call += 1
+            per_round[name].append(statistics.median(samples))
+    return per_round
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
 
 
 def time_cuda(fn, runs=20, warmup=3):
@@ -120,82 +134,145 @@ def selected_expert_bytes(routings, w13, w2):
     return statistics.mean(distinct) * per_expert
 
 
-def run_cpu(dtypes, quick):
-    records = []
-    dev = "cpu"
-    # Ceiling 1: a plain memory copy, bigger than the last-level cache.
-    copy_bytes = 512 * 2**20
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32).normal_()
+def l3_bytes():
+    try:
+        size = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+        if size > 0:
+            return size
+    except (ValueError, OSError):
+        pass
+    return 32 * 2**20
+
+
+def measure_read_ceiling(rounds=5):
+    """GB/s read by a multi-threaded streaming sum over a buffer 16x the L3 (at least 512 MiB), and
+    torch's copy rate (bytes read per second; the copy also writes as many)."""
+    numel = max(512 * 2**20, 16 * l3_bytes()) // 4
+    src = torch.empty(numel, dtype=torch.float32).normal_()
     dst = torch.empty_like(src)
-    copy_time, _ = time_interleaved({"copy": lambda: dst.copy_(src)}, [()], lambda: None, min_seconds=0.5)
-    copy_rate = 2 * copy_bytes / copy_time["copy"]  # bytes read + written per second
-    del src, dst
-    print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; copy {copy_rate / 1e9:.1f} GB/s (read+write)")
-    header = (f"{'shape':13} {'dtype':8} {'T':>4} | {'fused_moe ms':>12} {'hf_eager ms':>11} {'hf_grouped ms':>13} "
-              f"| {'x eager':>7} {'x grouped':>9} | {'GFLOP/s':>8} {'mm f32':>7} {'mm dt':>7} {'%mm':>5} | "
-              f"{'GB/s':>6} {'%copy':>5}")
+    sums, copies = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        src.sum()
+        sums.append(numel * 4 / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copies.append(numel * 4 / (time.perf_counter() - t0) / 1e9)
+    return sums, copies
+
+
+def matmul_rates(rows, hidden, out_cols, dtype):
+    """GFLOP/s of torch's matmul as a model calls it (F.linear [rows, H] x [out, H]^T), in dtype and float32."""
+    rates = {}
+    for name, dt in (("f32", torch.float32), ("dtype", dtype)):
+        a = torch.randn(rows, hidden).to(dt)
+        b = torch.randn(out_cols, hidden).to(dt)
+        torch.nn.functional.linear(a, b)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            times.append(time.perf_counter() - t0)
+        rates[name] = 2 * rows * hidden * out_cols / statistics.median(times) / 1e9
+    return rates
+
+
+def lscpu_summary():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return {k: fields[k].strip() for k in ("Model name", "CPU family", "Model", "CPU(s)", "L3 cache", "Flags")
+            if k in fields}
+
+
+def run_cpu(dtypes, shapes, quick, rounds):
+    records = []
+    build = moe_swap.ops.cpu_kernel_build()
+    sums, copies = measure_read_ceiling()
+    print(f"\nCPU: {lscpu_summary().get('Model name', platform.machine())}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, kernels {build}; read ceiling (streaming sum) {statistics.median(sums):.1f} GB/s "
+          f"[{min(sums):.1f}-{max(sums):.1f}], copy {statistics.median(copies):.1f} GB/s read", flush=True)
+    header = (f"{'shape':13} {'dtype':8} {'build':11} {'T':>4} | {'fused_moe tok/s':>15} {'hf_eager':>9} "
+              f"{'hf_grouped':>10} | {'x eager':>7} {'x grouped':>9} | {'GB/s':>5} {'%read':>5} | "
+              f"{'GFLOP/s':>7} {'mm dt':>6} {'%dt':>4} {'mm f32':>6} {'%f32':>4}")
     print(header)
     print("-" * len(header))
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        for shape_name, (hidden, inter, num_experts, top_k) in CPU_SHAPES.items():
-            w13 = (torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5).to(dtype)
-            w2 = (torch.randn(num_experts, hidden, inter) / inter**0.5).to(dtype)
-            peers = hf_experts(hidden, inter, num_experts, top_k, w13, w2)
+        for shape_name in shapes:
+            hidden, inter, num_experts, top_k = CPU_SHAPES[shape_name]
+            layer_bytes = 3 * num_experts * hidden * inter * dtype.itemsize
+            copies_needed = max(2, math.ceil(4 * l3_bytes() / layer_bytes))
+            w13s = [(torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5).to(dtype) for _ in range(copies_needed)]
+            w2s = [(torch.randn(num_experts, hidden, inter) / inter**0.5).to(dtype) for _ in range(copies_needed)]
+            peers = [hf_experts(hidden, inter, num_experts, top_k, a, b) for a, b in zip(w13s, w2s)]
             for phase, token_counts in CPU_TOKENS.items():
                 for num_tokens in token_counts:
                     if quick and num_tokens > 64:
                         continue
                     x = torch.randn(num_tokens, hidden).to(dtype)
-                    routings = make_routings(num_tokens, num_experts, top_k, dev)
-                    fns = {
-                        "fused_moe": lambda w, i32, i64: moe_swap.fused_moe(x, w13, w2, w, i32),
-                        "hf_eager": lambda w, i32, i64: peers["hf_eager"](x, w, i64),
-                        "hf_grouped_mm": lambda w, i32, i64: peers["hf_grouped_mm"](x, w, i64),
-                    }
+                    routings = make_routings(num_tokens, num_experts, top_k, "cpu")
+
+                    def call(fn_name):
+                        def run(i):
+                            layer, (w, i32, i64) = i % copies_needed, routings[i % len(routings)]
+                            if fn_name == "fused_moe":
+                                return moe_swap.fused_moe(x, w13s[layer], w2s[layer], w, i32)
+                            return peers[layer][fn_name](x, w, i64)
+                        return run
+                    fns = {name: call(name) for name in ("fused_moe", "hf_eager", "hf_grouped_mm")}
                     # The same numbers from each, first.
-                    ours = fns["fused_moe"](*routings[0]).float()
-                    diffs = {n: (fns[n](*routings[0]).float() - ours).abs().max().item()
-                             for n in ("hf_eager", "hf_grouped_mm")}
-                    min_seconds = 0.3 if quick else 1.0
-                    times, runs = time_interleaved(fns, routings, lambda: None, min_seconds=min_seconds)
+                    ours = fns["fused_moe"](0).float()
+                    diffs = {n: (fns[n](0).float() - ours).abs().max().item() for n in ("hf_eager", "hf_grouped_mm")}
+                    long_call = phase == "prefill"
+                    per_round = time_rounds(fns, num_calls=1 if long_call else 5, rounds=rounds,
+                                            seconds_per_round=0.0 if long_call else (0.1 if quick else 0.3))
+                    times = {name: summary(v) for name, v in per_round.items()}
+                    t_ours = times["fused_moe"]["median"]
                     flops = 2 * num_tokens * top_k * 3 * hidden * inter
-                    # Ceiling 2: one plain matmul of the same FLOPs ([T*k, H] @ [H, 3I]), float32 and dtype.
-                    a32 = torch.randn(num_tokens * top_k, hidden)
-                    b32 = torch.randn(hidden, 3 * inter)
-                    a_dt, b_dt = a32.to(dtype), b32.to(dtype)
-                    mm_times, _ = time_interleaved({"mm_f32": lambda: torch.mm(a32, b32),
-                                                    "mm_dtype": lambda: torch.mm(a_dt, b_dt)}, [()], lambda: None,
-                                                   min_seconds=min_seconds / 2)
-                    weight_bytes = selected_expert_bytes(routings, w13, w2)
+                    weight_bytes = selected_expert_bytes(routings, w13s[0], w2s[0])
                     rec = {
-                        "section": "cpu", "shape": shape_name, "dtype": dtype_name, "phase": phase,
+                        "section": "cpu", "kernels": build, "shape": shape_name, "dtype": dtype_name, "phase": phase,
                         "num_tokens": num_tokens, "hidden": hidden, "intermediate": inter,
-                        "num_experts": num_experts, "top_k": top_k, "runs": runs,
-                        "ms": {k: v * 1e3 for k, v in times.items()},
+                        "num_experts": num_experts, "top_k": top_k, "weight_copies": copies_needed,
+                        "seconds": times,
+                        "tokens_per_s": {n: num_tokens / v["median"] for n, v in times.items()},
+                        "tokens_per_s_spread": {n: [num_tokens / v["max"], num_tokens / v["min"]] for n, v in times.items()},
                         "max_abs_diff_vs_fused_moe": diffs,
-                        "speedup_vs_hf_eager": times["hf_eager"] / times["fused_moe"],
-                        "speedup_vs_hf_grouped_mm": times["hf_grouped_mm"] / times["fused_moe"],
-                        "speedup_vs_faster_peer": min(times["hf_eager"], times["hf_grouped_mm"]) / times["fused_moe"],
-                        "gflops": flops / times["fused_moe"] / 1e9,
-                        "matmul_f32_gflops": flops / mm_times["mm_f32"] / 1e9,
-                        "matmul_dtype_gflops": flops / mm_times["mm_dtype"] / 1e9,
+                        "speedup_vs_hf_eager": times["hf_eager"]["median"] / t_ours,
+                        "speedup_vs_hf_grouped_mm": times["hf_grouped_mm"]["median"] / t_ours,
+                        "speedup_vs_faster_peer": min(times["hf_eager"]["median"],
+                                                      times["hf_grouped_mm"]["median"]) / t_ours,
+                        "gflops": flops / t_ours / 1e9,
                         "selected_weight_bytes": weight_bytes,
-                        "weight_gbps": weight_bytes / times["fused_moe"] / 1e9,
-                        "copy_gbps": copy_rate / 1e9,
+                        "weight_gbps": weight_bytes / t_ours / 1e9,
+                        "read_ceiling_gbps": statistics.median(sums), "copy_read_gbps": statistics.median(copies),
                     }
-                    rec["fraction_of_best_matmul"] = rec["gflops"] / max(rec["matmul_f32_gflops"],
-                                                                         rec["matmul_dtype_gflops"])
-                    rec["fraction_of_copy"] = rec["weight_gbps"] / rec["copy_gbps"]
+                    rec["fraction_of_read_ceiling"] = rec["weight_gbps"] / rec["read_ceiling_gbps"]
+                    line_mm = f"{'':>6} {'':>4} {'':>6} {'':>4}"
+                    if phase != "decode":
+                        rates = matmul_rates(min(num_tokens * top_k, 1024), hidden, 3 * inter, dtype)
+                        rec["matmul_dtype_gflops"], rec["matmul_f32_gflops"] = rates["dtype"], rates["f32"]
+                        rec["fraction_of_dtype_matmul"] = rec["gflops"] / rates["dtype"]
+                        rec["fraction_of_f32_matmul"] = rec["gflops"] / rates["f32"]
+                        line_mm = (f"{rates['dtype']:>6.1f} {100 * rec['fraction_of_dtype_matmul']:>4.0f} "
+                                   f"{rates['f32']:>6.1f} {100 * rec['fraction_of_f32_matmul']:>4.0f}")
                     records.append(rec)
-                    print(f"{shape_name:13} {dtype_name:8} {num_tokens:>4} | {rec['ms']['fused_moe']:>12.3f} "
-                          f"{rec['ms']['hf_eager']:>11.3f} {rec['ms']['hf_grouped_mm']:>13.3f} | "
-                          f"{rec['speedup_vs_hf_eager']:>7.2f} {rec['speedup_vs_hf_grouped_mm']:>9.2f} | "
-                          f"{rec['gflops']:>8.1f} {rec['matmul_f32_gflops']:>7.1f} {rec['matmul_dtype_gflops']:>7.1f} "
-                          f"{100 * rec['fraction_of_best_matmul']:>5.0f} | {rec['weight_gbps']:>6.1f} "
-                          f"{100 * rec['fraction_of_copy']:>5.0f}", flush=True)
-            del w13, w2, peers
+                    tps = rec["tokens_per_s"]
+                    spread = rec["tokens_per_s_spread"]["fused_moe"]
+                    print(f"{shape_name:13} {dtype_name:8} {build:11} {num_tokens:>4} | "
+                          f"{tps['fused_moe']:>7.0f} [{spread[0]:.0f}-{spread[1]:.0f}] {tps['hf_eager']:>9.0f} "
+                          f"{tps['hf_grouped_mm']:>10.0f} | {rec['speedup_vs_hf_eager']:>7.2f} "
+                          f"{rec['speedup_vs_hf_grouped_mm']:>9.2f} | {rec['weight_gbps']:>5.1f} "
+                          f"{100 * rec['fraction_of_read_ceiling']:>5.0f} | {rec['gflops']:>7.1f} {line_mm}", flush=True)
+            del w13s, w2s, peers
+    sums_after, copies_after = measure_read_ceiling()
+    print(f"read ceiling at the end: {statistics.median(sums_after):.1f} GB/s [{min(sums_after):.1f}-"
+          f"{max(sums_after):.1f}], copy {statistics.median(copies_after):.1f} GB/s read", flush=True)
+    for rec in records:
+        rec["read_ceiling_gbps_at_end"] = statistics.median(sums_after)
     return records
 
 
@@ -272,18 +349,23 @@ def summarize_targets(records):
     """The issue's targets, checked against this run's numbers."""
     lines = []
     cpu = [r for r in records if r["section"] == "cpu"]
-    if cpu:
-        slower = [r for r in cpu if r["speedup_vs_faster_peer"] < 1.0]
-        lines.append(f"CPU never slower than the faster peer: {'yes' if not slower else 'NO'} "
-                     f"(worst {min(r['speedup_vs_faster_peer'] for r in cpu):.2f}x)")
-        mid = [r for r in cpu if r["num_tokens"] == 64]
-        if mid:
-            lines.append(f"CPU >= 1.3x eager at T=64: worst {min(r['speedup_vs_hf_eager'] for r in mid):.2f}x")
-        pre = [r for r in cpu if r["phase"] == "prefill"]
+    for build in dict.fromkeys(r["kernels"] for r in cpu):
+        mine = [r for r in cpu if r["kernels"] == build]
+        slower = [r for r in mine if r["speedup_vs_faster_peer"] < 1.0]
+        worst = min(mine, key=lambda r: r["speedup_vs_faster_peer"])
+        lines.append(f"CPU[{build}] never slower than the faster transformers peer: {'yes' if not slower else 'NO'} "
+                     f"(worst {worst['speedup_vs_faster_peer']:.2f}x, {worst['shape']}/{worst['dtype']} "
+                     f"T={worst['num_tokens']})")
+        dec = [r for r in mine if r["phase"] == "decode"]
+        if dec:
+            lines.append(f"CPU[{build}] decode >= 85% of the read ceiling: " + ", ".join(
+                f"{r['shape']}/{r['dtype']}/T{r['num_tokens']} {100 * r['fraction_of_read_ceiling']:.0f}%"
+                for r in dec))
+        pre = [r for r in mine if r["phase"] == "prefill"]
         if pre:
-            lines.append("CPU prefill >= 85% of the plain matmul: " + ", ".join(
-                f"{r['shape']}/{r['dtype']} {100 * r['gflops'] / r['matmul_f32_gflops']:.0f}% of f32 mm, "
-                f"{100 * r['gflops'] / r['matmul_dtype_gflops']:.0f}% of {r['dtype']} mm" for r in pre))
+            lines.append(f"CPU[{build}] prefill >= 85% of torch's matmul in the dtype: " + ", ".join(
+                f"{r['shape']}/{r['dtype']} {100 * r['fraction_of_dtype_matmul']:.0f}% "
+                f"({100 * r['fraction_of_f32_matmul']:.0f}% of f32)" for r in pre))
     gpu = [r for r in records if r["section"] == "gpu"]
     if gpu:
         dec = [r for r in gpu if r["phase"] == "decode"]
@@ -295,10 +377,29 @@ def summarize_targets(records):
     return lines
 
 
+def run_cpu_builds(args, builds):
+    """The CPU section once per kernel build, each in its own process (the build is chosen once per
+    process, from MOE_SWAP_CPU_KERNELS)."""
+    records = []
+    for build in builds:
+        out = Path(args.out).with_suffix(f".{build}.json")
+        cmd = [sys.executable, __file__, "--sections", "cpu", "--kernels", "current", "--dtypes", args.dtypes,
+               "--shapes", args.shapes, "--rounds", str(args.rounds), "--out", str(out)] + (["--quick"] if args.quick else [])
+        subprocess.run(cmd, env={**os.environ, "MOE_SWAP_CPU_KERNELS": build}, check=True)
+        records += json.loads(out.read_text())["records"]
+    return records
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_results/bench_ops.json", help="where to write the JSON results")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="CPU dtypes, comma-separated")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="CPU dtypes, comma-separated")
+    parser.add_argument("--shapes", default=",".join(CPU_SHAPES), help="CPU shapes, comma-separated: "
+                        + ", ".join(CPU_SHAPES))
+    parser.add_argument("--kernels", default="current",
+                        help="CPU kernel builds: current (this process's: MOE_SWAP_CPU_KERNELS or the best), all "
+                             "(every one this CPU runs, one process each) or a comma-separated list")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per CPU measurement")
     parser.add_argument("--sections", default="auto",
                         help="cpu, gpu or cpu,gpu; auto (default): gpu where CUDA is available, else cpu "
                              "(keeps scripts/gpu_check.sh inside its time limit)")
@@ -311,9 +412,23 @@ def main(argv=None):
         sections = ["gpu"] if torch.cuda.is_available() else ["cpu"]
     if "gpu" in sections and not torch.cuda.is_available():
         parser.error("--sections gpu needs CUDA, and torch.cuda.is_available() is False")
+    unknown = [s for s in args.shapes.split(",") if s not in CPU_SHAPES]
+    if unknown:
+        parser.error(f"--shapes: unknown {unknown}; expected some of {list(CPU_SHAPES)}")
+    builds = None
+    if args.kernels != "current":
+        runnable = moe_swap.ops.cpu_kernel_builds()
+        builds = runnable if args.kernels == "all" else args.kernels.split(",")
+        missing = [b for b in builds if b not in runnable]
+        if missing:
+            parser.error(f"--kernels: this CPU does not run {missing}; it runs {runnable}")
     with torch.inference_mode():
         if "cpu" in sections:
-            records += run_cpu([d for d in args.dtypes.split(",") if d], args.quick)
+            if builds is None:
+                records += run_cpu([d for d in args.dtypes.split(",") if d], args.shapes.split(","), args.quick,
+                                   args.rounds)
+            else:
+                records += run_cpu_builds(args, builds)
         if "gpu" in sections:
             records += run_gpu(args.quick)
     lines = summarize_targets(records)
@@ -321,7 +436,8 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"torch": torch.__version__, "python": platform.python_version(),
-                               "threads": torch.get_num_threads(), "cmdline": sys.argv,
+                               "threads": torch.get_num_threads(), "cmdline": sys.argv, "cpu": lscpu_summary(),
+                               "load_average": os.getloadavg(),
                                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "targets": lines,
                                "records": records}, indent=1))
     print(f"wrote {out}")

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace moe_swap {
 
@@ -40,6 +41,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
 
 // ---- diagnostics (csrc/core/parallel.cpp) ----
 int64_t cpu_parallel_threads();
+std::string cpu_kernel_build();
+std::vector<std::string> cpu_kernel_builds();
 
 // ---- device-side expert pull (csrc/streaming/expert_pull.*) ----
 void expert_cache_pull_cpu(const at::Tensor& topk_ids, const at::Tensor& host_w13, const at::Tensor& host_w2,

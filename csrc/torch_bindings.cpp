@@ -40,6 +40,10 @@ TORCH_LIBRARY(moe_swap, m) {
   // The number of distinct threads one parallel region of the CPU kernels ran on (at most
   // torch.get_num_threads(); 1 means the kernels were built without the parallel backend's flags).
   m.def("cpu_parallel_threads() -> int", &moe_swap::cpu_parallel_threads);
+  // The fused_moe CPU kernel build in use ("avx512_bf16", "avx512", "avx2" or "generic"; the
+  // MOE_SWAP_CPU_KERNELS override, an error if the CPU lacks it), and every build this CPU runs.
+  m.def("cpu_kernel_build() -> str", &moe_swap::cpu_kernel_build);
+  m.def("cpu_kernel_builds() -> str[]", &moe_swap::cpu_kernel_builds);
 
   // ---- weight streamer (csrc/streaming; Python face moe_swap.WeightStreamer) ----
   // State lives in C++ streamers named by integer handles (see streaming/streamer.h for why).

@@ -413,11 +413,18 @@ def _driver_version() -> Optional[str]:
     return None
 
 
+def _cpu_kernel_build_or_error(cpu_kernel_build) -> str:
+    try:
+        return cpu_kernel_build()
+    except ValueError as error:  # a bad MOE_SWAP_CPU_KERNELS: info reports it rather than failing
+        return f"none: {error}"
+
+
 def cmd_info(args) -> int:
     import transformers
 
     from . import __version__
-    from .ops import cpu_parallel_threads
+    from .ops import cpu_kernel_build, cpu_kernel_builds, cpu_parallel_threads
 
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     rows = [
@@ -430,6 +437,8 @@ def cmd_info(args) -> int:
         ("CPU kernels built", ", ".join(f"{op}: {'yes' if has(f'moe_swap::{op}', 'CPU') else 'no'}"
                                         for op in ("fused_moe", "topk_route"))),
         ("CPU kernel threads", f"{cpu_parallel_threads()} of torch's {torch.get_num_threads()}"),
+        ("CPU kernel build", f"{_cpu_kernel_build_or_error(cpu_kernel_build)} (this CPU runs: "
+                             f"{', '.join(cpu_kernel_builds())})"),
     ]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["topk_route", "fused_moe", "expert_cache_pull", "set_debug", "debug_enabled", "cpu_parallel_threads"]
+__all__ = ["topk_route", "fused_moe", "expert_cache_pull", "set_debug", "debug_enabled", "cpu_parallel_threads",
+           "cpu_kernel_build", "cpu_kernel_builds"]
 
 
 def topk_route(
@@ -269,3 +270,15 @@ def cpu_parallel_threads() -> int:
     ``torch.get_num_threads()``). 1 with more threads available means the library was built without
     the parallel backend's compiler flags and every CPU kernel runs single-threaded."""
     return int(torch.ops.moe_swap.cpu_parallel_threads())
+
+
+def cpu_kernel_build() -> str:
+    """The build of fused_moe's CPU inner loops this process uses: ``"avx512_bf16"``, ``"avx512"``,
+    ``"avx2"`` or ``"generic"`` (portable). The best one this CPU runs, or the one the environment
+    variable ``MOE_SWAP_CPU_KERNELS`` names, read once per process; raises if the CPU lacks that one."""
+    return str(torch.ops.moe_swap.cpu_kernel_build())
+
+
+def cpu_kernel_builds() -> list:
+    """The names of every build of fused_moe's CPU inner loops this CPU runs, best first."""
+    return [str(name) for name in torch.ops.moe_swap.cpu_kernel_builds()]

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+import moe_swap
+
 from moe_swap import cli
 
 TINY_CONFIG = {
@@ -122,6 +124,7 @@ def test_info_runs(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "CUDA kernels built" in out
+    assert f"CPU kernel build    {moe_swap.ops.cpu_kernel_build()} " in out
     if not torch.cuda.is_available():
         assert "need a GPU" in out
 

@@ -324,56 +324,141 @@ def test_torch_compile_fullgraph(device):
 
 # ---- the other CPU code paths, in a fresh process (the choices are read once per process) ----
 
-@pytest.mark.parametrize("env", [{"MOE_SWAP_CPU_KERNELS": "generic"}, {"MOE_SWAP_CPU_SMALL_BATCH": "0"},
-                                 {"MOE_SWAP_CPU_SMALL_BATCH": "100000"},
-                                 {"MOE_SWAP_CPU_KERNELS": "generic", "MOE_SWAP_CPU_SMALL_BATCH": "0"}],
-                         ids=["portable-kernels", "all-experts-gemm", "all-experts-tiled", "portable-kernels-gemm"])
-def test_cpu_paths_in_subprocess(env):
-    script = textwrap.dedent("""
-        import torch, moe_swap
-        from moe_swap import reference
-        torch.manual_seed(0)
-        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
-            for act in ("silu", "gelu", "gelu_tanh"):
-                t, h, i, e, k = 40, 37, 29, 8, 3
-                x = torch.randn(t, h).to(dtype)
-                w13 = (torch.randn(e, 2 * i, h) / h ** 0.5).to(dtype)
-                w2 = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
-                ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).int()
-                w = torch.rand(t, k)
-                ids[:30, 0] = 5  # one expert with many tokens, the rest with few
-                ids[:30, 1:] = torch.where(ids[:30, 1:] == 5, 6, ids[:30, 1:])
-                ids[:30, 2] = torch.where(ids[:30, 2] == 6, 7, ids[:30, 2])
-                ids[:30, 1] = torch.where(ids[:30, 1] == ids[:30, 2], 4, ids[:30, 1])
-                out = moe_swap.fused_moe(x, w13, w2, w, ids, activation=act)
-                ref = reference.fused_moe(x, w13, w2, w, ids, activation=act)
-                torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
-        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
-            for act, gated in [(a, g) for a in ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp")
-                               for g in (True, False) if g or a != "swiglu_clamp"]:
-                for t in (1, 7, 150):
-                    h, i, e, k, e_global = 37, 29, 6, 2, 9
-                    x = torch.randn(t, h).to(dtype)
-                    w13 = (torch.randn(e, (2 if gated else 1) * i, h) / h ** 0.5).to(dtype)
-                    w2 = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
-                    b13 = (torch.randn(e_global, w13.shape[1]) / 2).to(dtype)
-                    b2 = (torch.randn(e_global, h) / 2).to(dtype)
-                    expert_map = torch.full((e_global,), -1, dtype=torch.int32)
-                    expert_map[torch.randperm(e_global)[:e]] = torch.randperm(e, dtype=torch.int32)
-                    ids = torch.stack([torch.randperm(e_global)[:k] for _ in range(t)]).int()
-                    ids[: t * 4 // 5, 0] = int((expert_map >= 0).nonzero()[0])  # one expert with most tokens
-                    ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % e_global, ids[:, 1])
-                    w = torch.rand(t, k)
-                    options = dict(activation=act, w13_bias=b13, w2_bias=b2, gated=gated, swiglu_limit=1.1)
-                    out = moe_swap.fused_moe(x, w13, w2, w, ids, expert_map, **options)
-                    ref = reference.fused_moe(x, w13, w2, w, ids, expert_map, **options)
-                    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
-        print("ok")
-    """)
+def _run_in_subprocess(script, env):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, env={**os.environ, **env},
-                            capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=root, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+_MIXED_EXPERTS_SCRIPT = """
+    import torch, moe_swap
+    from moe_swap import reference
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+        for act in ("silu", "gelu", "gelu_tanh"):
+            t, h, i, e, k = 40, 37, 29, 8, 3
+            x = torch.randn(t, h).to(dtype)
+            w13 = (torch.randn(e, 2 * i, h) / h ** 0.5).to(dtype)
+            w2 = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
+            ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).int()
+            w = torch.rand(t, k)
+            ids[:30, 0] = 5  # one expert with many tokens, the rest with few
+            ids[:30, 1:] = torch.where(ids[:30, 1:] == 5, 6, ids[:30, 1:])
+            ids[:30, 2] = torch.where(ids[:30, 2] == 6, 7, ids[:30, 2])
+            ids[:30, 1] = torch.where(ids[:30, 1] == ids[:30, 2], 4, ids[:30, 1])
+            out = moe_swap.fused_moe(x, w13, w2, w, ids, activation=act)
+            ref = reference.fused_moe(x, w13, w2, w, ids, activation=act)
+            torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+        for act, gated in [(a, g) for a in ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp")
+                           for g in (True, False) if g or a != "swiglu_clamp"]:
+            for t in (1, 7, 150):
+                h, i, e, k, e_global = 37, 29, 6, 2, 9
+                x = torch.randn(t, h).to(dtype)
+                w13 = (torch.randn(e, (2 if gated else 1) * i, h) / h ** 0.5).to(dtype)
+                w2 = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
+                b13 = (torch.randn(e_global, w13.shape[1]) / 2).to(dtype)
+                b2 = (torch.randn(e_global, h) / 2).to(dtype)
+                expert_map = torch.full((e_global,), -1, dtype=torch.int32)
+                expert_map[torch.randperm(e_global)[:e]] = torch.randperm(e, dtype=torch.int32)
+                ids = torch.stack([torch.randperm(e_global)[:k] for _ in range(t)]).int()
+                ids[: t * 4 // 5, 0] = int((expert_map >= 0).nonzero()[0])  # one expert with most tokens
+                ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % e_global, ids[:, 1])
+                w = torch.rand(t, k)
+                options = dict(activation=act, w13_bias=b13, w2_bias=b2, gated=gated, swiglu_limit=1.1)
+                out = moe_swap.fused_moe(x, w13, w2, w, ids, expert_map, **options)
+                ref = reference.fused_moe(x, w13, w2, w, ids, expert_map, **options)
+                torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("env", [{"MOE_SWAP_CPU_SMALL_BATCH": "0"}, {"MOE_SWAP_CPU_SMALL_BATCH": "100000"}],
+                         ids=["all-experts-gemm", "all-experts-tiled"])
+def test_cpu_paths_in_subprocess(env):
+    result = _run_in_subprocess(_MIXED_EXPERTS_SCRIPT, env)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# Every build of the CPU inner loops (csrc/moe/fused_moe_cpu_kernels.h), best first.
+CPU_KERNEL_BUILDS = ["avx512_bf16", "avx512", "avx2", "generic"]
+
+# Tiles of every size: depths that are not multiples of 8/16/32 lanes (and shorter than one vector),
+# row counts that leave 1-3 rows after the 4-row blocks, token counts that leave each remainder of the
+# token groups (1-6), up to the expert sizes where the tiles stop and the GEMM starts.
+_EVERY_TILE_SCRIPT = """
+    import torch, moe_swap
+    from moe_swap import reference
+    assert moe_swap.ops.cpu_kernel_build() == {build!r}, moe_swap.ops.cpu_kernel_build()
+    torch.manual_seed(0)
+    tolerance = {{torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}}
+    cases = [(1, 5, 3, 4, 2), (2, 37, 29, 8, 3), (3, 64, 48, 4, 2), (5, 100, 52, 8, 3), (6, 33, 70, 3, 3),
+             (7, 8, 16, 2, 1), (13, 130, 41, 4, 4), (40, 1030, 29, 8, 3), (200, 72, 40, 2, 2)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n, (t, h, i, e, k) in enumerate(cases):
+            act = ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp")[n % 5]
+            gated = act == "swiglu_clamp" or n % 2 == 0  # odd cases: ungated experts (w13 holds up only)
+            x = torch.randn(t, h).to(dtype)
+            w13 = (torch.randn(e, (2 if gated else 1) * i, h) / h ** 0.5).to(dtype)
+            w2 = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
+            ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).int()
+            w = torch.rand(t, k)
+            options = dict(activation=act, gated=gated)
+            if n % 3 == 0:
+                options.update(w13_bias=torch.randn(e, w13.shape[1]).to(dtype), w2_bias=torch.randn(e, h).to(dtype))
+            out = moe_swap.fused_moe(x, w13, w2, w, ids, **options)
+            ref = reference.fused_moe(x, w13, w2, w, ids, **options)
+            tol = tolerance[dtype]
+            torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol,
+                                       msg=lambda m: f"{{dtype}} T={{t}} H={{h}} I={{i}} E={{e}} k={{k}} {{act}} "
+                                                     f"gated={{gated}}: {{m}}")
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("build", CPU_KERNEL_BUILDS)
+def test_cpu_kernel_build_matches_reference(build):
+    # Each build this CPU runs, forced, against the oracle on every tile shape and through both paths.
+    if build not in moe_swap.ops.cpu_kernel_builds():
+        pytest.skip(f"this CPU does not run the {build} build (it runs {moe_swap.ops.cpu_kernel_builds()})")
+    env = {"MOE_SWAP_CPU_KERNELS": build}
+    result = _run_in_subprocess(_EVERY_TILE_SCRIPT.format(build=build), env)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    for path in ({}, {"MOE_SWAP_CPU_SMALL_BATCH": "0"}):  # the build's tiles and activations; its GEMM path
+        result = _run_in_subprocess(_MIXED_EXPERTS_SCRIPT, {**env, **path})
+        assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (path, result.stderr[-3000:])
+
+
+def test_cpu_kernel_builds_known_and_best_first():
+    runnable = moe_swap.ops.cpu_kernel_builds()
+    assert runnable and runnable[-1] == "generic" and set(runnable) <= set(CPU_KERNEL_BUILDS)
+    assert runnable == [b for b in CPU_KERNEL_BUILDS if b in runnable]
+    if not os.environ.get("MOE_SWAP_CPU_KERNELS"):
+        assert moe_swap.ops.cpu_kernel_build() == runnable[0]
+
+
+@pytest.mark.parametrize("build", CPU_KERNEL_BUILDS[:-1] + ["sse9"])
+def test_forcing_a_build_the_cpu_lacks_raises(build):
+    if build in moe_swap.ops.cpu_kernel_builds():
+        pytest.skip(f"this CPU runs the {build} build")
+    script = """
+        import torch, moe_swap
+        x = torch.randn(2, 8)
+        args = (x, torch.randn(2, 8, 8), torch.randn(2, 8, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.int32))
+        for _ in range(2):  # the second call raises too: a failed choice is not remembered as made
+            try:
+                moe_swap.fused_moe(*args)
+            except ValueError as e:
+                print("raised:", e)
+            else:
+                print("no error")
+    """
+    result = _run_in_subprocess(script, {"MOE_SWAP_CPU_KERNELS": build})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line]
+    assert len(lines) == 2 and all(line.startswith(f"raised: MOE_SWAP_CPU_KERNELS={build}") for line in lines), lines
+    expected = "this CPU lacks the instructions" if build in CPU_KERNEL_BUILDS else "is not a kernel build"
+    assert all(expected in line for line in lines), lines
 
 
 # ---- bad inputs: every check names the argument ----

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -30,14 +31,12 @@ namespace {
 
 using cpu::WeightType;
 
-// Experts with at most this many tokens take the tiled path. Measured on AVX-512 (2 cores, Mixtral-
-// and Qwen3-like shapes): reading the weights once beats MKL, which packs (rereads and rewrites) the
-// weights per call and runs one parallel region per expert, up to about 64-128 tokens per expert.
-// MOE_SWAP_CPU_SMALL_BATCH overrides it (the tests use it to run both paths).
+// Experts with at most this many tokens take the tiled path: the kernel build's measured limit (see
+// fused_moe_cpu_dispatch.cpp); MOE_SWAP_CPU_SMALL_BATCH overrides it (the tests use it to run both paths).
 int64_t small_batch_limit() {
   static const int64_t limit = [] {
     const char* env = std::getenv("MOE_SWAP_CPU_SMALL_BATCH");
-    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{128};
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : cpu::kernel_build().small_batch_limit;
   }();
   return limit;
 }
@@ -111,16 +110,35 @@ struct RowTile {
   int64_t row1;
 };
 
-std::vector<RowTile> cut_into_tiles(const std::vector<int64_t>& experts, int64_t num_rows, int64_t min_tiles) {
+std::vector<RowTile> cut_into_tiles(const std::vector<int64_t>& experts, int64_t num_rows, int64_t row_bytes,
+                                    int64_t min_tiles) {
   std::vector<RowTile> tiles;
   if (experts.empty() || num_rows == 0) return tiles;
-  // Enough tiles to keep every thread busy, none narrower than 16 rows.
+  // Tiles of about 256 KB of weights: small enough that the last one leaves the other threads idle
+  // only briefly at the join, large enough that claiming one costs nothing next to reading it; and at
+  // least min_tiles of them, none narrower than 16 rows.
+  constexpr int64_t kTileBytes = 256 * 1024;
   const int64_t per_expert = std::max<int64_t>(1, (min_tiles + experts.size() - 1) / experts.size());
-  int64_t tile_rows = std::max<int64_t>(16, (num_rows + per_expert - 1) / per_expert);
+  int64_t tile_rows = std::min((num_rows + per_expert - 1) / per_expert, kTileBytes / std::max<int64_t>(1, row_bytes));
+  tile_rows = std::max<int64_t>(16, tile_rows);
   tile_rows = (tile_rows + 3) / 4 * 4;  // whole 4-row micro tiles
   for (int64_t e : experts)
     for (int64_t r = 0; r < num_rows; r += tile_rows) tiles.push_back({e, r, std::min(num_rows, r + tile_rows)});
   return tiles;
+}
+
+// Runs fn(i) for every tile i < num_tiles on torch's threads, each thread claiming the next tile from a
+// shared counter: a thread the OS runs late (other processes on the cores) or a slow tile leaves the
+// remaining tiles to the others instead of holding a fixed share of them until the join.
+template <typename Fn>
+void run_tiles(int64_t num_tiles, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), num_tiles);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < num_tiles;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      fn(i);
+  });
 }
 
 struct ExpertWork {
@@ -145,8 +163,9 @@ struct ExpertWork {
   // act_and_mul on sorted row `row`'s gate/up values for intermediate columns [col0, col0 + width).
   void activate(const float* gate, const float* up, int64_t row, int64_t col0, int64_t width) const {
     const int64_t I = s.intermediate_size;
-    cpu::act_and_mul()(gate, up, s.gated ? w13_bias_of(row, col0) : nullptr,
-                       w13_bias_of(row, (s.gated ? I : 0) + col0), activated + row * I + col0, width, act, w_type);
+    cpu::kernel_build().act_and_mul(gate, up, s.gated ? w13_bias_of(row, col0) : nullptr,
+                                    w13_bias_of(row, (s.gated ? I : 0) + col0), activated + row * I + col0, width,
+                                    act, w_type);
   }
   const char* w2_of(int64_t e) const { return w2 + e * s.hidden_size * s.intermediate_size * w_elem_bytes; }
 };
@@ -155,40 +174,38 @@ struct ExpertWork {
 void run_small_experts(const ExpertWork& work, const std::vector<int64_t>& experts) {
   const int64_t H = work.s.hidden_size, I = work.s.intermediate_size;
   const int64_t min_tiles = 4 * at::get_num_threads();
-  const auto rows_times_tokens = cpu::rows_times_tokens();
+  const auto rows_times_tokens = cpu::kernel_build().rows_times_tokens;
   const bool gated = work.s.gated;
   const int64_t up_row0 = gated ? I : 0;  // w13's up rows follow the gate rows when gated
 
-  const std::vector<RowTile> up_tiles = cut_into_tiles(experts, I, min_tiles);
-  at::parallel_for(0, static_cast<int64_t>(up_tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gate, up;
-    for (int64_t i = begin; i < end; ++i) {
-      const RowTile& tile = up_tiles[i];
-      const int64_t row0 = work.row_begin[tile.expert];
-      const int64_t n = work.row_begin[tile.expert + 1] - row0;
-      const int64_t width = tile.row1 - tile.row0;
-      gate.resize(gated ? n * width : 0);
-      up.resize(n * width);
-      const char* w = work.w13_of(tile.expert);
-      if (gated)
-        rows_times_tokens(work.x + row0 * H, n, H, w + tile.row0 * H * work.w_elem_bytes, work.w_type, width, H, H,
-                          gate.data(), width);
-      rows_times_tokens(work.x + row0 * H, n, H, w + (up_row0 + tile.row0) * H * work.w_elem_bytes, work.w_type,
-                        width, H, H, up.data(), width);
-      for (int64_t t = 0; t < n; ++t)
-        work.activate(gated ? gate.data() + t * width : nullptr, up.data() + t * width, row0 + t, tile.row0, width);
-    }
+  // An up tile reads its rows of gate (when gated) and up.
+  const std::vector<RowTile> up_tiles =
+      cut_into_tiles(experts, I, (gated ? 2 : 1) * H * work.w_elem_bytes, min_tiles);
+  run_tiles(static_cast<int64_t>(up_tiles.size()), [&](int64_t i) {
+    thread_local std::vector<float> gate, up;  // kept per thread: no allocation per tile
+    const RowTile& tile = up_tiles[i];
+    const int64_t row0 = work.row_begin[tile.expert];
+    const int64_t n = work.row_begin[tile.expert + 1] - row0;
+    const int64_t width = tile.row1 - tile.row0;
+    gate.resize(gated ? n * width : 0);
+    up.resize(n * width);
+    const char* w = work.w13_of(tile.expert);
+    if (gated)
+      rows_times_tokens(work.x + row0 * H, n, H, w + tile.row0 * H * work.w_elem_bytes, work.w_type, width, H, H,
+                        gate.data(), width);
+    rows_times_tokens(work.x + row0 * H, n, H, w + (up_row0 + tile.row0) * H * work.w_elem_bytes, work.w_type,
+                      width, H, H, up.data(), width);
+    for (int64_t t = 0; t < n; ++t)
+      work.activate(gated ? gate.data() + t * width : nullptr, up.data() + t * width, row0 + t, tile.row0, width);
   });
 
-  const std::vector<RowTile> down_tiles = cut_into_tiles(experts, H, min_tiles);
-  at::parallel_for(0, static_cast<int64_t>(down_tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const RowTile& tile = down_tiles[i];
-      const int64_t row0 = work.row_begin[tile.expert];
-      const int64_t n = work.row_begin[tile.expert + 1] - row0;
-      rows_times_tokens(work.activated + row0 * I, n, I, work.w2_of(tile.expert) + tile.row0 * I * work.w_elem_bytes,
-                        work.w_type, tile.row1 - tile.row0, I, I, work.expert_out + row0 * H + tile.row0, H);
-    }
+  const std::vector<RowTile> down_tiles = cut_into_tiles(experts, H, I * work.w_elem_bytes, min_tiles);
+  run_tiles(static_cast<int64_t>(down_tiles.size()), [&](int64_t i) {
+    const RowTile& tile = down_tiles[i];
+    const int64_t row0 = work.row_begin[tile.expert];
+    const int64_t n = work.row_begin[tile.expert + 1] - row0;
+    rows_times_tokens(work.activated + row0 * I, n, I, work.w2_of(tile.expert) + tile.row0 * I * work.w_elem_bytes,
+                      work.w_type, tile.row1 - tile.row0, I, I, work.expert_out + row0 * H + tile.row0, H);
   });
 }
 

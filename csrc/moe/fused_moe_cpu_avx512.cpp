@@ -3,7 +3,7 @@
 // compiled for AVX-512 can leak into the rest of the library; it only runs when the CPU has AVX-512.
 #include "moe/fused_moe_cpu_kernels.h"
 
-#if defined(MOE_SWAP_HAVE_AVX512_KERNELS)
+#if defined(MOE_SWAP_HAVE_X86_KERNELS)
 
 #include <immintrin.h>
 
@@ -243,14 +243,9 @@ void act_and_mul_gated(const float* gate, const float* up, const float* gate_bia
 
 void rows_times_tokens_avx512(const float* x, int64_t num_tokens, int64_t ld_x, const void* w, WeightType w_type,
                               int64_t num_rows, int64_t ld_w, int64_t depth, float* out, int64_t ld_out) {
-  switch (w_type) {
-    case WeightType::kFloat32:
-      return rows_times_tokens_typed<WeightType::kFloat32>(x, num_tokens, ld_x, w, num_rows, ld_w, depth, out, ld_out);
-    case WeightType::kBFloat16:
-      return rows_times_tokens_typed<WeightType::kBFloat16>(x, num_tokens, ld_x, w, num_rows, ld_w, depth, out, ld_out);
-    case WeightType::kFloat16:
-      return rows_times_tokens_typed<WeightType::kFloat16>(x, num_tokens, ld_x, w, num_rows, ld_w, depth, out, ld_out);
-  }
+  with_weight_type(w_type, [&](auto type) {
+    rows_times_tokens_typed<decltype(type)::value>(x, num_tokens, ld_x, w, num_rows, ld_w, depth, out, ld_out);
+  });
 }
 
 void act_and_mul_avx512(const float* gate, const float* up, const float* gate_bias, const float* up_bias,
@@ -268,4 +263,4 @@ void act_and_mul_avx512(const float* gate, const float* up, const float* gate_bi
 
 #pragma GCC pop_options
 
-#endif  // MOE_SWAP_HAVE_AVX512_KERNELS
+#endif  // MOE_SWAP_HAVE_X86_KERNELS

@@ -1,5 +1,5 @@
-// Portable builds of the fused_moe CPU inner loops (see fused_moe_cpu_kernels.h), and the run-time
-// choice between them and the AVX-512 builds.
+// Portable builds of the fused_moe CPU inner loops (see fused_moe_cpu_kernels.h): plain loops the
+// compiler vectorises for the baseline ISA, the fallback where no build for a wider ISA runs.
 #include "moe/fused_moe_cpu_kernels.h"
 
 #include <c10/util/BFloat16.h>
@@ -7,33 +7,33 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 
 namespace moe_swap::cpu {
 namespace {
 
-inline float weight_at(const void* w, WeightType w_type, int64_t index) {
-  switch (w_type) {
-    case WeightType::kFloat32: return static_cast<const float*>(w)[index];
-    case WeightType::kBFloat16: {
-      uint16_t bits;
-      std::memcpy(&bits, static_cast<const uint16_t*>(w) + index, sizeof(bits));
-      return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
-    }
-    case WeightType::kFloat16: {
-      uint16_t bits;
-      std::memcpy(&bits, static_cast<const uint16_t*>(w) + index, sizeof(bits));
+template <WeightType W>
+inline float weight_at(const void* w, int64_t index) {
+  if constexpr (W == WeightType::kFloat32) {
+    return static_cast<const float*>(w)[index];
+  } else {
+    uint16_t bits;
+    std::memcpy(&bits, static_cast<const uint16_t*>(w) + index, sizeof(bits));
+    if constexpr (W == WeightType::kBFloat16) {
+      // bfloat16 is the top half of a float32.
+      const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+      float value;
+      std::memcpy(&value, &wide, sizeof(value));
+      return value;
+    } else {
       return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
     }
   }
-  return 0.0f;
 }
 
-}  // namespace
-
-void rows_times_tokens_generic(const float* x, int64_t num_tokens, int64_t ld_x, const void* w, WeightType w_type,
-                               int64_t num_rows, int64_t ld_w, int64_t depth, float* out, int64_t ld_out) {
+template <WeightType W>
+void rows_times_tokens_typed(const float* x, int64_t num_tokens, int64_t ld_x, const void* w, int64_t num_rows,
+                             int64_t ld_w, int64_t depth, float* out, int64_t ld_out) {
   constexpr int64_t kChunk = 256;
   float row[kChunk];
   for (int64_t r = 0; r < num_rows; ++r) {
@@ -41,7 +41,7 @@ void rows_times_tokens_generic(const float* x, int64_t num_tokens, int64_t ld_x,
     // Convert a chunk of the weight row once, then use it for every token.
     for (int64_t h0 = 0; h0 < depth; h0 += kChunk) {
       const int64_t len = depth - h0 < kChunk ? depth - h0 : kChunk;
-      for (int64_t h = 0; h < len; ++h) row[h] = weight_at(w, w_type, r * ld_w + h0 + h);
+      for (int64_t h = 0; h < len; ++h) row[h] = weight_at<W>(w, r * ld_w + h0 + h);
       for (int64_t t = 0; t < num_tokens; ++t) {
         const float* xt = x + t * ld_x + h0;
         // 16 independent partial sums: the compiler can keep them in vector lanes without -ffast-math.
@@ -56,6 +56,15 @@ void rows_times_tokens_generic(const float* x, int64_t num_tokens, int64_t ld_x,
       }
     }
   }
+}
+
+}  // namespace
+
+void rows_times_tokens_generic(const float* x, int64_t num_tokens, int64_t ld_x, const void* w, WeightType w_type,
+                               int64_t num_rows, int64_t ld_w, int64_t depth, float* out, int64_t ld_out) {
+  with_weight_type(w_type, [&](auto type) {
+    rows_times_tokens_typed<decltype(type)::value>(x, num_tokens, ld_x, w, num_rows, ld_w, depth, out, ld_out);
+  });
 }
 
 namespace {
@@ -101,39 +110,6 @@ void act_and_mul_generic(const float* gate, const float* up, const float* gate_b
       case WeightType::kFloat16: out[i] = static_cast<float>(c10::Half(h)); break;
     }
   }
-}
-
-namespace {
-// MOE_SWAP_CPU_KERNELS=generic forces the portable builds (the tests run both).
-bool cpu_has_avx512() {
-#if defined(MOE_SWAP_HAVE_AVX512_KERNELS)
-  const char* forced = std::getenv("MOE_SWAP_CPU_KERNELS");
-  if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-}  // namespace
-
-RowsTimesTokensFn rows_times_tokens() {
-#if defined(MOE_SWAP_HAVE_AVX512_KERNELS)
-  static const RowsTimesTokensFn fn = cpu_has_avx512() ? &rows_times_tokens_avx512 : &rows_times_tokens_generic;
-#else
-  static const RowsTimesTokensFn fn = &rows_times_tokens_generic;
-#endif
-  return fn;
-}
-
-ActAndMulFn act_and_mul() {
-#if defined(MOE_SWAP_HAVE_AVX512_KERNELS)
-  static const ActAndMulFn fn = cpu_has_avx512() ? &act_and_mul_avx512 : &act_and_mul_generic;
-#else
-  static const ActAndMulFn fn = &act_and_mul_generic;
-#endif
-  return fn;
 }
 
 }  // namespace moe_swap::cpu
