@@ -251,13 +251,19 @@ def read_experts_layout(module: nn.Module, name: str) -> ExpertsLayout:
                          tuple(p.name for p in params))  # type: ignore[arg-type]
 
 
+def convert_to_fused(layout: ExpertsLayout, which: str, experts: torch.Tensor) -> torch.Tensor:
+    """Experts ``[E, ...]`` of ``which`` ("w13" or "w2") in the module's own layout -> fused_moe's layout
+    (transposed back; interleaved gate/up rows -> gate rows then up rows). Works on any run of experts."""
+    if layout.transposed:
+        experts = experts.transpose(1, 2)
+    if which == "w13" and layout.gated and not layout.concatenated:
+        experts = torch.cat([experts[:, 0::2], experts[:, 1::2]], dim=1)
+    return experts.contiguous()
+
+
 def to_fused_layout(layout: ExpertsLayout, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's experts in the module's own layout -> ``w13 [E, 2I, H]`` (``[E, I, H]`` ungated), ``w2 [E, H, I]``."""
-    if layout.transposed:
-        w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
-    if layout.gated and not layout.concatenated:
-        w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
-    return w13.contiguous(), w2.contiguous()
+    return convert_to_fused(layout, "w13", w13), convert_to_fused(layout, "w2", w2)
 
 
 def bias_to_fused_layout(layout: ExpertsLayout, w13_bias: torch.Tensor) -> torch.Tensor:

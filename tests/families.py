@@ -138,6 +138,9 @@ def _tiny_overrides(defaults: dict, layers: int) -> dict:
             overrides[key] = VOCAB - 1
         elif isinstance(value, list):
             overrides[key] = [min(v, VOCAB - 1) for v in value]
+    for key, value in defaults.items():
+        if key.startswith("enable_moe") and value is False:
+            overrides[key] = True  # a family whose default config has its MoE block off (gemma4)
     if defaults.get("per_layer_config"):
         overrides["per_layer_config"] = {}  # per-layer sizes of the full model
     return overrides
