@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -248,6 +249,25 @@ class _TransformersNames:
         head, _, tail = next((target.partition(k) for k in collected if k in target), ("", "", ""))
         return {head + k + tail: v[0] if isinstance(v, list) else v for k, v in collected.items()}
 
+    def missing_expert_keys(self, layer: MoELayer) -> list[str]:
+        """The checkpoint keys a per-expert merge of this layer expects and the checkpoint lacks (named from
+        the keys it has: the pattern's ``*`` is the expert index)."""
+        missing = []
+        for name in (layer.layout.w13_name, "down_proj"):
+            converter, sources = self.groups.get(f"{layer.experts_name}.{name}", (None, {}))
+            if converter is None or not sources:
+                continue
+            pattern, keys = next(iter(sources.items()))
+            match = re.search(re.escape(pattern).replace(r"\*", r"\d+"), keys[0])
+            if match is None or "*" not in pattern:
+                continue
+            head, tail = keys[0][:match.start()], keys[0][match.end():]
+            expected = [head + p.replace("*", str(e)) + tail for p in converter.source_patterns
+                        for e in range(layer.num_experts)]
+            present = {k for keys in sources.values() for k in keys}
+            missing += [k for k in expected if k not in present]
+        return missing
+
     def expert_pieces(self, layer: MoELayer, which: str, read):
         """``(expert, tensor)`` pieces of a 5.x layer's ``which`` ("w13"/"w2") in fused_moe's layout, one expert
         at a time when transformers' rule is a per-expert merge (then concatenation of gate and up), else the
@@ -422,11 +442,12 @@ def _load_interface_experts(model: nn.Module, layers: list[MoELayer], index: Che
 
     expert_targets = {f"{layer.experts_name}.{name}" for layer in layers
                       for name in (layer.layout.w13_name, "down_proj")}
-    missing = sorted(t for t in expert_targets if t not in names.groups)
+    missing = sorted(t for t in expert_targets if t not in names.groups) or \
+        [k for layer in layers for k in names.missing_expert_keys(layer)]
     if missing:
         shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
-        raise ValueError(f"checkpoint {path!r} is missing expert tensors: {shown} (no checkpoint tensor maps to "
-                         f"them by transformers' loading rules for {type(model).__name__})")
+        raise ValueError(f"checkpoint {path!r} is missing expert tensors: {shown} (by transformers' loading rules "
+                         f"for {type(model).__name__})")
     expert_params = {id(p) for layer in layers for p in models.expert_parameters(layer)}
     targets = {name: t for name, t in list(model.named_parameters(remove_duplicate=False))
                + list(model.named_buffers(remove_duplicate=False)) if id(t) not in expert_params}
