@@ -27,11 +27,15 @@ std::tuple<at::Tensor, at::Tensor> topk_route_cuda(const at::Tensor& router_logi
 // ---- MoE compute (csrc/moe) ----
 at::Tensor fused_moe_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
                          const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                         const std::optional<at::Tensor>& expert_map, c10::string_view activation);
+                         const std::optional<at::Tensor>& expert_map, c10::string_view activation,
+                         const std::optional<at::Tensor>& w13_bias, const std::optional<at::Tensor>& w2_bias,
+                         bool gated, double swiglu_alpha, double swiglu_limit);
 #ifdef MOE_SWAP_WITH_CUDA
 at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
                           const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                          const std::optional<at::Tensor>& expert_map, c10::string_view activation);
+                          const std::optional<at::Tensor>& expert_map, c10::string_view activation,
+                          const std::optional<at::Tensor>& w13_bias, const std::optional<at::Tensor>& w2_bias,
+                          bool gated, double swiglu_alpha, double swiglu_limit);
 #endif
 
 // ---- diagnostics (csrc/core/parallel.cpp) ----

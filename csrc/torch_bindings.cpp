@@ -14,11 +14,17 @@ TORCH_LIBRARY(moe_swap, m) {
       "topk_route(Tensor router_logits, int top_k, str scoring=\"softmax\", bool renormalize=False, "
       "int num_expert_group=1, int topk_group=1, Tensor? correction_bias=None, "
       "float routed_scaling_factor=1.0) -> (Tensor topk_weights, Tensor topk_ids)");
-  // The MoE layer: out[t] = sum_j w[t,j] * w2[e] @ (act(w13[e,:I] @ x_t) * (w13[e,I:] @ x_t)),
-  // e = expert_map[topk_ids[t,j]] when a map is given (-1: not held here, contributes nothing).
+  // The MoE layer: out[t] = sum_j w[t,j] * (w2[e] @ h + b2[g]), g = topk_ids[t,j] (global id),
+  // e = expert_map[g] when a map is given (-1: not held here, contributes nothing), else e = g;
+  // gated: h = act(w13[e,:I] @ x_t + b13[g,:I]) * (w13[e,I:] @ x_t + b13[g,I:]) with w13 [E, 2I, H];
+  // gated=False: h = act(w13[e] @ x_t + b13[g]) with w13 [E, I, H]. Activations: silu, gelu,
+  // gelu_tanh, relu2, swiglu_clamp (gpt-oss: gated only, uses swiglu_alpha/limit). The biases
+  // w13_bias [E_global, 2I or I] and w2_bias [E_global, H] are indexed by the global id g, so a
+  // cache holding only some experts' weights keeps every expert's biases whole and resident.
   m.def(
       "fused_moe(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
-      "Tensor? expert_map=None, str activation=\"silu\") -> Tensor");
+      "Tensor? expert_map=None, str activation=\"silu\", Tensor? w13_bias=None, Tensor? w2_bias=None, "
+      "bool gated=True, float swiglu_alpha=1.702, float swiglu_limit=7.0) -> Tensor");
   // Device-side on_demand step (no host sync; capturable on CUDA): read topk_ids, stamp hits and
   // pick LRU victims in the layer's pool region [slot_base, +C) (state: slot_expert int32 [C],
   // slot_stamp int64 [C], clock int64 [1]), pull missing experts from host_w13/host_w2 (CUDA: a
@@ -49,7 +55,7 @@ TORCH_LIBRARY(moe_swap, m) {
       "int cache_bytes=0, str eviction=\"lru\", float? copy_overhead_us=None, float? copy_gb_per_s=None) -> int");
   // Destroy a streamer: waits for its in-flight copies, then frees its host store and slots.
   m.def("streamer_destroy(int handle) -> ()");
-  // Allocate a layer's exact-size host storage (w13 [E,2I,H], w2 [E,H,I]); returns its index. Fill with streamer_write.
+  // Allocate a layer's exact-size host storage (w13 [E,2I,H] or ungated [E,I,H], w2 [E,H,I]); returns its index. Fill with streamer_write.
   m.def("streamer_reserve_layer(int handle, int[] w13_shape, int[] w2_shape, ScalarType dtype) -> int");
   // Copy src ([rows, cols] or [n, rows, cols]) into a layer's w13 (which=0) or w2 (which=1) at experts
   // [expert_start, +n), rows [row_offset, +rows).
@@ -91,10 +97,12 @@ TORCH_LIBRARY(moe_swap, m) {
   // on_demand: the step's experts may be evicted once the current stream's work so far is done.
   m.def("streamer_release_experts(int handle, int layer, Tensor[] after) -> ()");
   // on_demand, one opaque op (traces with a shape-only fake kernel): acquire_experts, fused_moe on
-  // the pool with the expert_map, release_experts.
+  // the pool with the expert_map, release_experts. The biases and gated/swiglu options go to
+  // fused_moe as they are: the biases are indexed by global id, resident, never in the cache.
   m.def(
       "streamer_moe(int handle, int layer, Tensor hidden_states, Tensor topk_weights, Tensor topk_ids, "
-      "str activation=\"silu\", int next_layer=-1, Tensor? next_ids=None) -> Tensor");
+      "str activation=\"silu\", int next_layer=-1, Tensor? next_ids=None, Tensor? w13_bias=None, "
+      "Tensor? w2_bias=None, bool gated=True, float swiglu_alpha=1.702, float swiglu_limit=7.0) -> Tensor");
   // on_demand: start copying the experts in expert_ids (the layer's predicted routing) ahead; a hint.
   m.def("streamer_predict(int handle, int layer, Tensor expert_ids) -> ()");
   // on_demand: ([pool slots, capacity slots, occupied slots, bytes per expert], (layer, expert) per slot [N, 2]).

@@ -6,6 +6,7 @@ and the fake kernels let the ops trace under ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -99,6 +100,9 @@ def _topk_route_fake(router_logits, top_k, scoring="softmax", renormalize=False,
             router_logits.new_empty((t, top_k), dtype=torch.int32))
 
 
+FUSED_MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp")
+
+
 def fused_moe(
     hidden_states: Tensor,
     w13: Tensor,
@@ -107,37 +111,96 @@ def fused_moe(
     topk_ids: Tensor,
     expert_map: Optional[Tensor] = None,
     activation: str = "silu",
+    w13_bias: Optional[Tensor] = None,
+    w2_bias: Optional[Tensor] = None,
+    gated: bool = True,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> Tensor:
-    """The experts of a MoE layer, fused: ``out[t] = Σ_j w[t,j] · w2[e] · (act(gate_e x_t) ⊙ up_e x_t)``.
+    """The experts of a MoE layer, fused: ``out[t] = Σ_j w[t,j] · (w2[e] · h_e(x_t) + b2[g])``.
+
+    ``g = topk_ids[t, j]`` is the global expert id and ``e = expert_map[g]`` (or ``g`` without a map)
+    its index into ``w13``/``w2``. Gated: ``h = act(gate_e x + b13[g, :I]) ⊙ (up_e x + b13[g, I:])``;
+    ungated (``gated=False``, e.g. nemotron_h's relu2 experts): ``h = act(up_e x + b13[g])``.
 
     Args:
         hidden_states: ``[T, H]``, float32, bfloat16 or float16 (the dtype of the output).
-        w13: ``[E, 2I, H]`` per expert, gate rows then up rows (vLLM's layout), same dtype.
+        w13: ``[E, 2I, H]`` per expert, gate rows then up rows (vLLM's layout), same dtype; with
+            ``gated=False``, ``[E, I, H]`` up rows only.
         w2: ``[E, H, I]`` down projections, same dtype.
         topk_weights: ``[T, k]`` float32 routing weights.
         topk_ids: ``[T, k]`` int32 (or int64) expert ids: indices into ``w13``/``w2``, or global ids
             when ``expert_map`` is given.
         expert_map: optional int32 ``[E_global]``: global id -> index into ``w13``/``w2``, or -1 when
             the expert is not held here (that pair contributes nothing).
-        activation: ``"silu"``, ``"gelu"`` (erf) or ``"gelu_tanh"``.
+        activation: ``"silu"``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"relu2"`` (``relu(x)²``) or
+            ``"swiglu_clamp"`` (gpt-oss, gated only): ``g = min(gate, limit)``,
+            ``u = clamp(up, -limit, limit)``, ``h = (u + 1) · g · sigmoid(alpha · g)``.
+        w13_bias: optional ``[E_global, 2I]`` (gated: gate part then up part) or ``[E_global, I]``.
+        w2_bias: optional ``[E_global, H]``, added to each expert's down projection before the
+            routing weight multiplies it.
+            Both biases have the weights' dtype and are indexed by the **global** expert id
+            (``topk_ids``, before ``expert_map``), ``E_global = expert_map.numel()`` with a map, else
+            ``E``: they are tiny, so a cache that holds only some experts' weights keeps every
+            expert's biases whole and resident (the bytes streamed per expert do not grow).
+        gated: whether ``w13`` holds gate rows (see ``w13``).
+        swiglu_alpha, swiglu_limit: the parameters of ``"swiglu_clamp"`` (finite; ``limit > 0``;
+            checked whatever the activation).
 
-    Inputs may be non-contiguous (they are made contiguous). Accumulation is in float32; the
-    activated intermediate is rounded to the input dtype before the down projection. An id out of
-    range raises on CPU; on CUDA such a pair is skipped (never read out of bounds), and with
-    ``set_debug(True)`` it raises instead.
+    Inputs may be non-contiguous (they are made contiguous). Accumulation is in float32 and the
+    biases are added to the float32 accumulators (eager bf16 code rounds the projection and the
+    sum to bf16 first: one rounding more); the activated intermediate is rounded to the input dtype
+    before the down projection, the output once at the end. An id out of range raises on CPU; on
+    CUDA such a pair is skipped (never read out of bounds), and with ``set_debug(True)`` it raises
+    instead.
     """
     _check_tensors(hidden_states=hidden_states, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
     return torch.ops.moe_swap.fused_moe.default(
-        hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation
+        hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation, w13_bias, w2_bias, gated,
+        swiglu_alpha, swiglu_limit,
     )
 
 
+def check_fused_moe_layout(w13, w2, expert_map, activation, w13_bias, w2_bias, gated, swiglu_alpha,
+                           swiglu_limit, hidden_size) -> None:
+    """The checks of fused_moe's activation, gating, bias and swiglu arguments, with the kernels'
+    messages (moe_checks.h): the fake kernel runs them, so a traced or meta call raises as a real one."""
+    if activation not in FUSED_MOE_ACTIVATIONS:
+        raise ValueError("activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2' or 'swiglu_clamp', "
+                         f"got '{activation}'")
+    if not gated and activation == "swiglu_clamp":
+        raise ValueError("activation 'swiglu_clamp' needs gate rows: it requires gated=True, got gated=False")
+    if not math.isfinite(swiglu_alpha):
+        raise ValueError(f"swiglu_alpha must be finite, got {swiglu_alpha}")
+    if not (math.isfinite(swiglu_limit) and swiglu_limit > 0):
+        raise ValueError(f"swiglu_limit must be finite and > 0, got {swiglu_limit}")
+    torch._check(w13.dim() == 3, lambda: f"w13 must be 3-D, got {w13.dim()}-D with shape {tuple(w13.shape)}")
+    rows = w13.shape[1]
+    if gated:
+        torch._check(rows % 2 == 0, lambda: f"w13.size(1) must be even (2I: gate rows then up rows, gated=True), "
+                                            f"got {rows} (w13 shape {tuple(w13.shape)})")
+    inter = rows // 2 if gated else rows
+    torch._check(w2.dim() == 3 and w2.shape[2] == inter,
+                 lambda: f"w2.size(2) must equal I = {inter} (gated={gated}), got w2 shape {tuple(w2.shape)}")
+    num_global = expert_map.shape[0] if expert_map is not None else w13.shape[0]
+    for name, bias, cols in (("w13_bias", w13_bias, rows), ("w2_bias", w2_bias, hidden_size)):
+        if bias is None:
+            continue
+        torch._check(bias.dim() == 2 and bias.shape[0] == num_global and bias.shape[1] == cols,
+                     lambda: f"{name} must have shape [{num_global}, {cols}] ([E_global, ...]), got {tuple(bias.shape)}")
+        torch._check(bias.dtype == w13.dtype,
+                     lambda: f"{name} must have the dtype of hidden_states ({w13.dtype}), got {bias.dtype}")
+
+
 @torch.library.register_fake("moe_swap::fused_moe")
-def _fused_moe_fake(hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu"):
+def _fused_moe_fake(hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu",
+                    w13_bias=None, w2_bias=None, gated=True, swiglu_alpha=1.702, swiglu_limit=7.0):
     torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be 2-D, got {hidden_states.dim()}-D")
     check_same_device("fused_moe", "hidden_states", dict(hidden_states=hidden_states, w13=w13, w2=w2,
                                                          topk_weights=topk_weights, topk_ids=topk_ids,
-                                                         expert_map=expert_map))
+                                                         expert_map=expert_map, w13_bias=w13_bias, w2_bias=w2_bias))
+    check_fused_moe_layout(w13, w2, expert_map, activation, w13_bias, w2_bias, gated, swiglu_alpha, swiglu_limit,
+                           hidden_states.shape[1])
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 

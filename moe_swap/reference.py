@@ -84,13 +84,23 @@ def _nan_low(x: float) -> float:
 
 
 def activation_fn(name: str):
+    """act(x) of the activations applied alone (ungated) or times up (gated); not swiglu_clamp."""
     if name == "silu":
         return F.silu
     if name == "gelu":
         return F.gelu
     if name == "gelu_tanh":
         return lambda x: F.gelu(x, approximate="tanh")
-    raise ValueError(f"activation must be 'silu', 'gelu' or 'gelu_tanh', got {name!r}")
+    if name == "relu2":
+        return lambda x: torch.square(torch.relu(x))
+    raise ValueError(f"activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2' or 'swiglu_clamp', got {name!r}")
+
+
+def swiglu_clamp(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's clamped SwiGLU, as transformers' GptOssExperts._apply_gate writes it."""
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def fused_moe(
@@ -101,13 +111,21 @@ def fused_moe(
     topk_ids: Tensor,
     expert_map: Optional[Tensor] = None,
     activation: str = "silu",
+    w13_bias: Optional[Tensor] = None,
+    w2_bias: Optional[Tensor] = None,
+    gated: bool = True,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> Tensor:
     """Reference MoE layer, token by token. See :func:`moe_swap.ops.fused_moe` for the contract.
 
-    Matmuls accumulate in float32; the activated intermediate is rounded to the input dtype before
-    the down projection, as a model running in that dtype does.
+    Matmuls accumulate in float32 and the biases (indexed by the global expert id) are added in
+    float32; the activated intermediate is rounded to the input dtype before the down projection,
+    as a model running in that dtype does.
     """
-    act = activation_fn(activation)
+    if activation == "swiglu_clamp" and not gated:
+        raise ValueError("activation 'swiglu_clamp' requires gated=True")
+    act = None if activation == "swiglu_clamp" else activation_fn(activation)
     dtype = hidden_states.dtype
     num_tokens, hidden = hidden_states.shape
     inter = w2.shape[2]
@@ -115,14 +133,26 @@ def fused_moe(
     for t in range(num_tokens):
         x = hidden_states[t].float()
         for j in range(topk_ids.shape[1]):
-            e = int(topk_ids[t, j])
+            g = int(topk_ids[t, j])
+            e = g
             if expert_map is not None:
-                e = int(expert_map[e])
+                e = int(expert_map[g])
                 if e < 0:
                     continue
-            gate = w13[e, :inter].float() @ x
-            up = w13[e, inter:].float() @ x
-            h = (act(gate) * up).to(dtype).float()
-            out[t] += float(topk_weights[t, j]) * (w2[e].float() @ h)
+            projected = w13[e].float() @ x
+            if w13_bias is not None:
+                projected = projected + w13_bias[g].float()
+            if gated:
+                gate, up = projected[:inter], projected[inter:]
+                if act is None:
+                    h = swiglu_clamp(gate, up, swiglu_alpha, swiglu_limit)
+                else:
+                    h = act(gate) * up
+            else:
+                h = act(projected)
+            h = h.to(dtype).float()
+            y = w2[e].float() @ h
+            if w2_bias is not None:
+                y = y + w2_bias[g].float()
+            out[t] += float(topk_weights[t, j]) * y
     return out.to(dtype)
-

@@ -95,14 +95,16 @@ def _prefetch_fake(handle, layer):
 # routed experts, fused_moe on the cache, release -- is one opaque op; its output is shaped like the
 # hidden states, so it traces under torch.compile(fullgraph=True) without a graph break.
 @torch.library.register_fake("moe_swap::streamer_moe")
-def _moe_fake(handle, layer, hidden_states, topk_weights, topk_ids, activation="silu", next_layer=-1, next_ids=None):
+def _moe_fake(handle, layer, hidden_states, topk_weights, topk_ids, activation="silu", next_layer=-1, next_ids=None,
+              w13_bias=None, w2_bias=None, gated=True, swiglu_alpha=1.702, swiglu_limit=7.0):
     torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be 2-D, got {hidden_states.dim()}-D")
     device = _layer_meta("streamer_moe", handle, layer)[3]
     if hidden_states.device != device:
         raise RuntimeError(f"streamer_moe({layer}): hidden_states must be on the streamer's device {device}, "
                            f"got {hidden_states.device}")
     check_same_device("streamer_moe", "hidden_states", dict(hidden_states=hidden_states, topk_weights=topk_weights,
-                                                            topk_ids=topk_ids, next_ids=next_ids))
+                                                            topk_ids=topk_ids, next_ids=next_ids, w13_bias=w13_bias,
+                                                            w2_bias=w2_bias))
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
@@ -302,12 +304,12 @@ class WeightStreamer:
         torch.ops.moe_swap.streamer_write(self.handle, layer, 0 if which == "w13" else 1, expert, row, src)
 
     def add_layer(self, w13: Tensor, w2: Tensor) -> int:
-        """Copy one layer (``w13 [E, 2I, H]`` gate rows then up rows, ``w2 [E, H, I]``) into the host
-        store; returns its index. The caller's tensors may be freed afterwards."""
+        """Copy one layer (``w13 [E, 2I, H]`` gate rows then up rows, or ``[E, I, H]`` up rows only for
+        ungated experts; ``w2 [E, H, I]``) into the host store; returns its index. The caller's tensors may be freed afterwards."""
         if not isinstance(w13, Tensor) or not isinstance(w2, Tensor):
             raise TypeError(f"w13 and w2 must be tensors, got {type(w13).__name__} and {type(w2).__name__}")
         if w13.dim() != 3 or w2.dim() != 3:
-            raise ValueError(f"w13 must be [E, 2I, H] and w2 [E, H, I], got shapes {tuple(w13.shape)} and "
+            raise ValueError(f"w13 must be [E, 2I, H] (or [E, I, H]) and w2 [E, H, I], got shapes {tuple(w13.shape)} and "
                              f"{tuple(w2.shape)}")
         layer = self.reserve_layer(w13.shape, w2.shape, w13.dtype)
         self.write(layer, "w13", w13)
@@ -438,9 +440,14 @@ class WeightStreamer:
         torch.ops.moe_swap.streamer_release_experts(self.handle, layer, list(after))
 
     def moe(self, layer: int, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor,
-            activation: str = "silu", next_layer: Optional[int] = None, next_ids: Optional[Tensor] = None) -> Tensor:
+            activation: str = "silu", next_layer: Optional[int] = None, next_ids: Optional[Tensor] = None, *,
+            w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None, gated: bool = True,
+            swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
         """One on_demand MoE step: acquire the routed experts, ``fused_moe`` on the cache with the
         ``expert_map``, release. One opaque op: traces under ``torch.compile(fullgraph=True)``.
+        ``w13_bias``, ``w2_bias``, ``gated``, ``swiglu_alpha``, ``swiglu_limit``: as :func:`fused_moe`;
+        the biases ``[E, ...]`` are indexed by expert id and stay where the caller keeps them (on the
+        streamer's device, whole: the cache never moves them). An ungated layer's w13 is ``[E, I, H]``.
         With ``ids_path="device"``: ``expert_cache_pull`` then ``fused_moe`` on the layer's region
         when the step fits it (two ops, no host sync), else the host path.
 
@@ -456,10 +463,11 @@ class WeightStreamer:
             # the guess is not the host path's to order after this step: predict it now
             self.predict(next_layer, next_ids)
             guess = (-1, None)
+        options = (w13_bias, w2_bias, gated, swiglu_alpha, swiglu_limit)
         if this_on_region:
-            return region.moe(hidden_states, topk_weights, topk_ids, activation)
+            return region.moe(hidden_states, topk_weights, topk_ids, activation, *options)
         return torch.ops.moe_swap.streamer_moe(self.handle, layer, hidden_states, topk_weights, topk_ids,
-                                               activation, *guess)
+                                               activation, *guess, *options)
 
     def predict(self, layer: int, expert_ids: Tensor) -> None:
         """Start copying the experts in ``expert_ids`` (a guess at ``layer``'s next routing) that are
@@ -682,7 +690,9 @@ class _DeviceRegion:
             pull()
         self._predicted = True
 
-    def moe(self, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str) -> Tensor:
+    def moe(self, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str,
+            w13_bias: Optional[Tensor], w2_bias: Optional[Tensor], gated: bool, swiglu_alpha: float,
+            swiglu_limit: float) -> Tensor:
         topk_ids = self._on_device(topk_ids)
         if not self._joined:
             torch.cuda.current_stream(self.side_stream.device).wait_stream(self.side_stream)
@@ -693,7 +703,8 @@ class _DeviceRegion:
             self._predicted = False
         self._pull(topk_ids, self.expert_map, self.counters)
         return torch.ops.moe_swap.fused_moe(hidden_states, self.pool_w13, self.pool_w2, topk_weights, topk_ids,
-                                            self.expert_map, activation)
+                                            self.expert_map, activation, w13_bias, w2_bias, gated, swiglu_alpha,
+                                            swiglu_limit)
 
     def counts(self) -> dict:
         """The region's statistics, read from the device. A miss fills an empty slot or evicts, and a slot

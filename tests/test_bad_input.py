@@ -116,6 +116,25 @@ def _moe_valid(name, build):
 
 # a meta tensor in any argument: the dispatcher sends the call to the fake kernel, which must raise
 # like the real one instead of returning uninitialised memory
+def _with_biases(a):
+    num_global = a["expert_map"].numel() if a["expert_map"] is not None else a["w13"].shape[0]
+    a.update(w13_bias=torch.randn(num_global, a["w13"].shape[1]), w2_bias=torch.randn(num_global, a["w2"].shape[1]))
+    return a
+
+
+for _arg in ("w13_bias", "w2_bias"):
+    _moe_mutation(f"meta_{_arg}", lambda a, _arg=_arg: (_with_biases(a), a.update({_arg: on_meta(a[_arg])})),
+                  f"{_arg} must be on the device of hidden_states", mapped=True)
+_moe_mutation("w13_bias_local_rows", lambda a: a.update(w13_bias=torch.randn(4, 24)),
+              r"w13_bias must have shape \[7, 24\] \(\[E_global, 2I\]", mapped=True)
+_moe_mutation("swiglu_nan_limit", lambda a: a.update(activation="swiglu_clamp", swiglu_limit=float("nan")),
+              "swiglu_limit must be finite and > 0, got nan")
+_moe_mutation("gated_string", lambda a: a.update(gated="no"), "gated")
+_moe_valid("biases_and_ungated_with_stride0_bias", lambda: (lambda a: torch.testing.assert_close(
+    moe_swap.fused_moe(**a, activation="relu2", gated=False),
+    reference.fused_moe(**a, activation="relu2", gated=False), atol=1e-4, rtol=1e-4))(
+    {**moe_args(mapped=True), "w13": torch.randn(4, 12, 16) / 4, "w13_bias": torch.randn(1, 12).expand(7, 12),
+     "w2_bias": torch.randn(7, 16)}))
 for _arg in ("hidden_states", "w13", "w2", "topk_weights", "topk_ids", "expert_map"):
     _moe_mutation(f"meta_{_arg}", lambda a, _arg=_arg: a.update({_arg: on_meta(a[_arg])}),
                   "must be on the device of hidden_states", mapped=_arg == "expert_map")
@@ -417,7 +436,8 @@ def _fused_moe_property():
         g = torch.Generator().manual_seed(seed)
         same_experts = data.draw(st.booleans())  # every expert equal: lets the weights be stride-0 views
         n = 1 if same_experts else E
-        w13 = (torch.randn(n, 2 * I, H, generator=g) / max(H, 1)**0.5).expand(E, -1, -1).contiguous().to(dtype)
+        gated = data.draw(st.booleans())
+        w13 = (torch.randn(n, (2 if gated else 1) * I, H, generator=g) / max(H, 1)**0.5).expand(E, -1, -1).contiguous().to(dtype)
         w2 = (torch.randn(n, H, I, generator=g) / max(I, 1)**0.5).expand(E, -1, -1).contiguous().to(dtype)
         a = dict(hidden_states=torch.randn(T, H, generator=g).to(dtype), w13=w13, w2=w2,
                  topk_weights=torch.rand(T, k, generator=g), expert_map=None)
@@ -430,10 +450,14 @@ def _fused_moe_property():
             a["topk_ids"] = torch.randint(0, num_global, (T, k), generator=g).to(id_dtype)
         else:
             a["topk_ids"] = torch.randint(0, E, (T, k), generator=g).to(id_dtype)
+        num_global = a["expert_map"].numel() if mapped else E
+        for name, cols in (("w13_bias", w13.shape[1]), ("w2_bias", H)):  # biases by global id, any layout
+            a[name] = (torch.randn(num_global, cols, generator=g) / 2).to(dtype) if data.draw(st.booleans()) else None
         args = {name: None if t is None else _layout(data.draw, t) for name, t in a.items()}
-        activation = data.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]))
-        out = moe_swap.fused_moe(**args, activation=activation)
-        expected = reference.fused_moe(**a, activation=activation)
+        activation = data.draw(st.sampled_from(["silu", "gelu", "gelu_tanh", "relu2"] + (["swiglu_clamp"] if gated else [])))
+        options = dict(activation=activation, gated=gated, swiglu_limit=data.draw(st.sampled_from([0.3, 7.0])))
+        out = moe_swap.fused_moe(**args, **options)
+        expected = reference.fused_moe(**a, **options)
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         assert out.shape == (T, H) and out.dtype == dtype
         torch.testing.assert_close(out, expected, atol=tol, rtol=tol)

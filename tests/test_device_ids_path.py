@@ -298,3 +298,23 @@ def test_device_path_steps_replay_in_a_cuda_graph_cuda(debug_off, predict):
         stats = s.stats()
         assert stats["device_steps"] == 2 * (1 + 6)  # warm-up and replays (capture runs nothing)
         assert (stats["predicted"] > 0) == predict
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["on_demand", "auto"])
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated_relu2", "gated_swiglu_clamp"])
+def test_region_steps_pass_biases_and_gating_to_fused_moe(device, policy, gated):
+    from moe_swap import reference
+    from test_streamer import streamed_options_layer
+    layers = [streamed_options_layer(gated, E=8) for _ in range(2)]
+    with device_streamer([(a.to(device), b.to(device)) for a, b, _ in layers], 4, device=device, policy=policy) as s:
+        s.prepare_device_cache()
+        for step in range(6):
+            for layer, (w13, w2, options) in enumerate(layers):
+                x = torch.randn(2, 24, device=device)
+                weights, ids = route(2, 8, 2, device)  # 4 pairs: fits the region of 4
+                on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+                out = s.moe(layer, x, weights, ids, **on_device)
+                expected = reference.fused_moe(x.cpu(), w13, w2, weights.cpu(), ids.cpu(), **options)
+                torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
+        assert s.stats()["device_steps"] == 12  # every step went through a region

@@ -15,6 +15,9 @@ from conftest import DEVICES, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ACTIVATIONS = ["silu", "gelu", "gelu_tanh"]
+# Every activation fused_moe has, and the (activation, gated) pairs it accepts (swiglu_clamp is gated only).
+ALL_ACTIVATIONS = ["silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp"]
+ACTIVATION_GATING = [(a, g) for a in ALL_ACTIVATIONS for g in (True, False) if g or a != "swiglu_clamp"]
 # (H, I), including sizes that are not multiples of 8 (and not of the 16-lane vector width).
 SHAPES = [(16, 24), (72, 40), (100, 52)]
 EXPERTS_AND_TOPK = [(e, k) for e in (1, 8, 64) for k in (1, 2, 6, 8) if k <= e]
@@ -22,10 +25,11 @@ EXPERTS_AND_TOPK = [(e, k) for e in (1, 8, 64) for k in (1, 2, 6, 8) if k <= e]
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
 
 
-def make_moe(num_tokens, hidden, inter, num_experts, top_k, dtype, device, *, num_global=None, id_dtype=torch.int32):
+def make_moe(num_tokens, hidden, inter, num_experts, top_k, dtype, device, *, num_global=None, id_dtype=torch.int32,
+             gated=True):
     """Random inputs; with num_global, ids are global and an expert_map holds a random subset of them."""
     x = torch.randn(num_tokens, hidden, device=device).to(dtype)
-    w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).to(dtype)
+    w13 = (torch.randn(num_experts, (2 if gated else 1) * inter, hidden, device=device) / hidden**0.5).to(dtype)
     w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).to(dtype)
     id_space = num_global or num_experts
     ids = torch.stack([torch.randperm(id_space)[:top_k] for _ in range(num_tokens)]) if num_tokens else \
@@ -40,10 +44,20 @@ def make_moe(num_tokens, hidden, inter, num_experts, top_k, dtype, device, *, nu
     return x, w13, w2, weights, ids, expert_map
 
 
-def assert_matches_reference(args, activation="silu"):
+def make_biases(w13, w2, expert_map, device):
+    """Random w13_bias [E_global, w13 rows] and w2_bias [E_global, H], in the weights' dtype."""
+    num_global = expert_map.numel() if expert_map is not None else w13.shape[0]
+    w13_bias = (0.5 * torch.randn(num_global, w13.shape[1], device=device)).to(w13.dtype)
+    w2_bias = (0.5 * torch.randn(num_global, w2.shape[1], device=device)).to(w2.dtype)
+    return w13_bias, w2_bias
+
+
+def assert_matches_reference(args, activation="silu", **options):
     x = args[0]
-    out = moe_swap.fused_moe(*args, activation=activation)
-    expected = reference.fused_moe(*(a.cpu() if a is not None else None for a in args), activation=activation)
+    out = moe_swap.fused_moe(*args, activation=activation, **options)
+    on_cpu = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in options.items()}
+    expected = reference.fused_moe(*(a.cpu() if a is not None else None for a in args), activation=activation,
+                                   **on_cpu)
     assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous()
     atol, rtol = TOLERANCE[x.dtype]
     torch.testing.assert_close(out.cpu().float(), expected.float(), atol=atol, rtol=rtol)
@@ -86,6 +100,100 @@ def test_each_activation_and_dtype(device, dtype, activation, mapped):
     ids[:140, 1] = torch.where(ids[:140, 1] == ids[0, 0], ids[0, 1], ids[:140, 1])
     assert (ids[:, 0] != ids[:, 1]).all()
     assert_matches_reference(args, activation)
+
+
+def _options_grid():
+    # Every activation x gated/ungated x bias/no bias x expert_map x dtype x T; the shape cycles.
+    cases = []
+    products = itertools.product(ACTIVATION_GATING, (False, True), (False, True), DTYPES, (0, 1, 7, 64, 333))
+    for i, ((activation, gated), bias, mapped, dtype, t) in enumerate(products):
+        hidden, inter = SHAPES[i % len(SHAPES)]
+        cases.append(pytest.param(t, hidden, inter, dtype, mapped, activation, gated, bias,
+                                  id=f"{activation}-{'gated' if gated else 'ungated'}-{'bias' if bias else 'nobias'}"
+                                     f"-{'map' if mapped else 'nomap'}-{str(dtype)[6:]}-T{t}-H{hidden}-I{inter}"))
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("t,hidden,inter,dtype,mapped,activation,gated,bias", _options_grid())
+def test_activations_gating_biases_against_reference(device, t, hidden, inter, dtype, mapped, activation, gated, bias):
+    e, k = 8, 3
+    args = make_moe(t, hidden, inter, e, k, dtype, device, num_global=2 * e + 1 if mapped else None, gated=gated)
+    options = dict(gated=gated)
+    if bias:
+        options["w13_bias"], options["w2_bias"] = make_biases(args[1], args[2], args[5], device)
+    if activation == "swiglu_clamp":
+        # gpt-oss's constants, with a limit the random gate/up values cross
+        options.update(swiglu_alpha=1.702, swiglu_limit=0.9)
+    assert_matches_reference(args, activation, **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["w13_bias", "w2_bias"])
+def test_one_bias_alone(device, which):
+    args = make_moe(70, 40, 36, 6, 2, torch.float32, device, num_global=9)
+    biases = dict(zip(["w13_bias", "w2_bias"], make_biases(args[1], args[2], args[5], device)))
+    out = assert_matches_reference(args, "gelu", **{which: biases[which]})
+    assert not torch.allclose(out, moe_swap.fused_moe(*args, activation="gelu"), atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_biases_follow_the_global_id_not_the_slot(device, gated):
+    """A cache holding some experts' weights in other slots (with a map) gives what all the weights
+    give without one: the biases stay whole and global, indexed by topk_ids before the map."""
+    num_global, held = 10, [7, 2, 5]
+    x, w13, w2, w, ids, _ = make_moe(40, 48, 20, num_global, 2, torch.float32, device, gated=gated)
+    ids = torch.stack([torch.tensor(held)[torch.randperm(3)[:2]] for _ in range(40)]).int().to(device)
+    w13_bias, w2_bias = make_biases(w13, w2, None, device)
+    full = moe_swap.fused_moe(x, w13, w2, w, ids, activation="relu2", w13_bias=w13_bias, w2_bias=w2_bias, gated=gated)
+    slots = torch.tensor([2, 0, 1])  # held[i] lives in slot slots[i]
+    pool13, pool2 = torch.empty_like(w13[:3]), torch.empty_like(w2[:3])
+    pool13[slots], pool2[slots] = w13[held], w2[held]
+    expert_map = torch.full((num_global,), -1, dtype=torch.int32)
+    expert_map[held] = slots.int()
+    cached = moe_swap.fused_moe(x, pool13, pool2, w, ids, expert_map.to(device), "relu2", w13_bias, w2_bias, gated)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_global_ids_in_one_slot_take_their_own_biases(device):
+    x, w13, w2, w, ids, _ = make_moe(12, 24, 16, 1, 2, torch.float32, device, num_global=2)
+    expert_map = torch.zeros(2, dtype=torch.int32, device=device)  # both global experts share slot 0
+    ids = torch.tensor([[0, 1]] * 12, dtype=torch.int32, device=device)
+    w13_bias, w2_bias = make_biases(w13, w2, expert_map, device)
+    assert_matches_reference((x, w13, w2, w, ids, expert_map), "silu", w13_bias=w13_bias, w2_bias=w2_bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_large_values_go_through_like_the_reference(device, dtype):
+    # A NaN in expert 0's bias reaches the outputs of exactly the tokens routed to it (clamp, relu
+    # and min/max must not drop it); +-30 in the others' biases lie beyond the clamp limit.
+    for activation, gated in ACTIVATION_GATING:
+        x, w13, w2, w, ids, _ = make_moe(24, 16, 16, 4, 2, dtype, device, gated=gated)
+        w13_bias, w2_bias = make_biases(w13, w2, None, device)
+        w13_bias[0, 0] = float("nan")
+        if gated:
+            w13_bias[0, 16] = float("nan")  # the up part too
+        w13_bias[1:, 1], w13_bias[1:, -1] = 30.0, -30.0
+        out = moe_swap.fused_moe(x, w13, w2, w, ids, None, activation, w13_bias, w2_bias, gated)
+        expected = reference.fused_moe(x.cpu(), w13.cpu(), w2.cpu(), w.cpu(), ids.cpu(), None, activation,
+                                       w13_bias.cpu(), w2_bias.cpu(), gated)
+        routed_to_0 = (ids == 0).any(1).cpu()
+        assert routed_to_0.any() and not routed_to_0.all()
+        assert torch.equal(expected.isnan().all(1), routed_to_0)
+        atol, rtol = TOLERANCE[dtype]
+        torch.testing.assert_close(out.cpu().float(), expected.float(), atol=atol * 30, rtol=rtol, equal_nan=True,
+                                   msg=lambda m: f"{activation} gated={gated}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ungated_with_zero_intermediate_is_the_routed_w2_bias(device):
+    x, w13, w2, w, ids, _ = make_moe(5, 16, 0, 3, 2, torch.float32, device, gated=False)
+    _, w2_bias = make_biases(w13, w2, None, device)
+    out = moe_swap.fused_moe(x, w13, w2, w, ids, None, "relu2", None, w2_bias, False)
+    torch.testing.assert_close(out, (w[..., None] * w2_bias[ids.long()]).sum(1), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -146,6 +254,16 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.moe_swap.fused_moe.default, args, {"activation": "gelu"})
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation,gated", ACTIVATION_GATING)
+def test_opcheck_biases_and_gating(device, activation, gated):
+    args = make_moe(9, 24, 20, 4, 2, torch.bfloat16, device, num_global=7, gated=gated)
+    w13_bias, w2_bias = make_biases(args[1], args[2], args[5], device)
+    torch.library.opcheck(torch.ops.moe_swap.fused_moe.default, args,
+                          dict(activation=activation, w13_bias=w13_bias, w2_bias=w2_bias, gated=gated,
+                               swiglu_alpha=1.5, swiglu_limit=0.8))
+
+
 class TinyMoE(torch.nn.Module):
     """A small MoE block: a router picking top-k with softmax, then the experts through fused_moe."""
 
@@ -162,6 +280,37 @@ class TinyMoE(torch.nn.Module):
         return moe_swap.fused_moe(x, self.w13, self.w2, weights / weights.sum(-1, keepdim=True), ids.int())
 
 
+class TinyBiasedMoE(TinyMoE):
+    """TinyMoE with gpt-oss's expert options (biases, clamped SwiGLU) or ungated relu2 experts."""
+
+    def __init__(self, gated, hidden=32, inter=48, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.gated = gated
+        if not gated:
+            self.w13 = torch.nn.Parameter(self.w13.data[:, :inter].clone())
+        self.w13_bias = torch.nn.Parameter(torch.randn(num_experts, self.w13.shape[1]) / 4)
+        self.w2_bias = torch.nn.Parameter(torch.randn(num_experts, hidden) / 4)
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        return moe_swap.fused_moe(x, self.w13, self.w2, weights, ids.int(),
+                                  activation="swiglu_clamp" if self.gated else "relu2",
+                                  w13_bias=self.w13_bias, w2_bias=self.w2_bias, gated=self.gated, swiglu_limit=1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gated", [True, False], ids=["swiglu_clamp", "relu2_ungated"])
+def test_torch_compile_fullgraph_with_biases(device, gated):
+    torch._dynamo.reset()
+    model = TinyBiasedMoE(gated).to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for t in (5, 17):
+            x = torch.randn(t, 32, device=device)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
@@ -176,8 +325,9 @@ def test_torch_compile_fullgraph(device):
 # ---- the other CPU code paths, in a fresh process (the choices are read once per process) ----
 
 @pytest.mark.parametrize("env", [{"MOE_SWAP_CPU_KERNELS": "generic"}, {"MOE_SWAP_CPU_SMALL_BATCH": "0"},
-                                 {"MOE_SWAP_CPU_SMALL_BATCH": "100000"}],
-                         ids=["portable-kernels", "all-experts-gemm", "all-experts-tiled"])
+                                 {"MOE_SWAP_CPU_SMALL_BATCH": "100000"},
+                                 {"MOE_SWAP_CPU_KERNELS": "generic", "MOE_SWAP_CPU_SMALL_BATCH": "0"}],
+                         ids=["portable-kernels", "all-experts-gemm", "all-experts-tiled", "portable-kernels-gemm"])
 def test_cpu_paths_in_subprocess(env):
     script = textwrap.dedent("""
         import torch, moe_swap
@@ -198,6 +348,26 @@ def test_cpu_paths_in_subprocess(env):
                 out = moe_swap.fused_moe(x, w13, w2, w, ids, activation=act)
                 ref = reference.fused_moe(x, w13, w2, w, ids, activation=act)
                 torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+            for act, gated in [(a, g) for a in ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp")
+                               for g in (True, False) if g or a != "swiglu_clamp"]:
+                for t in (1, 7, 150):
+                    h, i, e, k, e_global = 37, 29, 6, 2, 9
+                    x = torch.randn(t, h).to(dtype)
+                    w13 = (torch.randn(e, (2 if gated else 1) * i, h) / h ** 0.5).to(dtype)
+                    w2 = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
+                    b13 = (torch.randn(e_global, w13.shape[1]) / 2).to(dtype)
+                    b2 = (torch.randn(e_global, h) / 2).to(dtype)
+                    expert_map = torch.full((e_global,), -1, dtype=torch.int32)
+                    expert_map[torch.randperm(e_global)[:e]] = torch.randperm(e, dtype=torch.int32)
+                    ids = torch.stack([torch.randperm(e_global)[:k] for _ in range(t)]).int()
+                    ids[: t * 4 // 5, 0] = int((expert_map >= 0).nonzero()[0])  # one expert with most tokens
+                    ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % e_global, ids[:, 1])
+                    w = torch.rand(t, k)
+                    options = dict(activation=act, w13_bias=b13, w2_bias=b2, gated=gated, swiglu_limit=1.1)
+                    out = moe_swap.fused_moe(x, w13, w2, w, ids, expert_map, **options)
+                    ref = reference.fused_moe(x, w13, w2, w, ids, expert_map, **options)
+                    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
         print("ok")
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,7 +403,59 @@ BAD_INPUTS = [
     ("ids_dtype", lambda a: a.update(topk_ids=a["topk_ids"].float()), "topk_ids must be int32 or int64"),
     ("map_2d", lambda a: a.update(expert_map=a["expert_map"][None]), "expert_map must be 1-D"),
     ("map_dtype", lambda a: a.update(expert_map=a["expert_map"].long()), "expert_map must be int32"),
+    # the biases are [E_global, ...]: here expert_map has 5 entries, w13 holds 3 experts of I = 8
+    ("w13_bias_1d", lambda a: a.update(w13_bias=torch.zeros(16, device=a["w13"].device)),
+     r"w13_bias must be 2-D \[E_global, 2I\], got 1-D"),
+    ("w13_bias_local_rows", lambda a: a.update(w13_bias=torch.zeros(3, 16, device=a["w13"].device)),
+     r"w13_bias must have shape \[5, 16\] \(\[E_global, 2I\]; E_global = expert_map.size\(0\).*got \[3, 16\]"),
+    ("w13_bias_cols", lambda a: a.update(w13_bias=torch.zeros(5, 8, device=a["w13"].device)),
+     r"w13_bias must have shape \[5, 16\]"),
+    ("w13_bias_dtype", lambda a: a.update(w13_bias=torch.zeros(5, 16, dtype=torch.half, device=a["w13"].device)),
+     "w13_bias must have the dtype of hidden_states"),
+    ("w2_bias_cols", lambda a: a.update(w2_bias=torch.zeros(5, 15, device=a["w13"].device)),
+     r"w2_bias must have shape \[5, 16\] \(\[E_global, H\]"),
+    ("w2_bias_3d", lambda a: a.update(w2_bias=torch.zeros(5, 16, 1, device=a["w13"].device)),
+     r"w2_bias must be 2-D \[E_global, H\]"),
+    ("w2_bias_dtype", lambda a: a.update(w2_bias=torch.zeros(5, 16, dtype=torch.bfloat16, device=a["w13"].device)),
+     "w2_bias must have the dtype of hidden_states"),
+    ("ungated_w2_I", lambda a: a.update(gated=False), r"w2.size\(2\) must equal I = w13.size\(1\) \(gated=False\) = 16"),
 ]
+
+BAD_OPTIONS = [
+    # (name, options, message): errors in the values of the non-tensor options are ValueErrors
+    ("swiglu_ungated", dict(activation="swiglu_clamp", gated=False),
+     r"activation 'swiglu_clamp' needs gate rows: it requires gated=True, got gated=False"),
+    ("alpha_nan", dict(activation="swiglu_clamp", swiglu_alpha=float("nan")), "swiglu_alpha must be finite, got nan"),
+    ("alpha_inf", dict(swiglu_alpha=float("inf")), "swiglu_alpha must be finite, got inf"),
+    ("limit_zero", dict(activation="swiglu_clamp", swiglu_limit=0.0), r"swiglu_limit must be finite and > 0, got 0"),
+    ("limit_negative", dict(swiglu_limit=-1.0), r"swiglu_limit must be finite and > 0, got -1"),
+    ("limit_inf", dict(activation="swiglu_clamp", swiglu_limit=float("inf")),
+     "swiglu_limit must be finite and > 0, got inf"),
+    ("relu_is_not_relu2", dict(activation="relu"),
+     "activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2' or 'swiglu_clamp', got 'relu'"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+@pytest.mark.parametrize("name,options,message", BAD_OPTIONS, ids=[b[0] for b in BAD_OPTIONS])
+def test_bad_options_are_value_errors(device, name, options, message):
+    # on "meta" the fake kernel answers: it must refuse what the kernels refuse
+    args = {key: value.to(device) for key, value in _good("cpu").items()}
+    if not options.get("gated", True):
+        args["w13"] = args["w13"][:, :8]  # up rows only: the layout is right, the activation is not
+    with pytest.raises(ValueError, match=message):
+        moe_swap.fused_moe(**args, **options)
+
+
+@pytest.mark.parametrize("name", ["w13_bias_local_rows", "w2_bias_cols", "w13_bias_dtype", "ungated_w2_I",
+                                  "w13_odd"])
+def test_bad_layouts_raise_on_meta_too(name):
+    mutate = {b[0]: b[1] for b in BAD_INPUTS}[name]
+    args = {key: value.to("meta") for key, value in _good("cpu").items()}
+    mutate(args)
+    args = {key: value.to("meta") if isinstance(value, torch.Tensor) else value for key, value in args.items()}
+    with pytest.raises(RuntimeError):
+        moe_swap.fused_moe(**args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -258,7 +480,8 @@ def test_an_empty_expert_map_maps_no_id():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_activation_is_a_value_error(device):
-    with pytest.raises(ValueError, match="activation must be 'silu', 'gelu' or 'gelu_tanh', got 'relu'"):
+    with pytest.raises(ValueError, match="activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2' or 'swiglu_clamp', "
+                                         "got 'relu'"):
         moe_swap.fused_moe(**_good(device), activation="relu")
 
 

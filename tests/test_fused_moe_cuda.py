@@ -246,3 +246,97 @@ def test_opcheck():
     for T in (3, 100):
         x, w13, w2, weights, ids = make_problem(T, 64, 32, 4, 2, torch.float32)
         torch.library.opcheck(torch.ops.moe_swap.fused_moe.default, (x, w13, w2, weights, ids, None, "silu"))
+
+
+# ---- biases, ungated experts, relu2 and swiglu_clamp: every path (decode, grouped GEMM with and
+# without tensor cores' bf16 vendor GEMM), against the reference ----
+
+OPTION_SHAPES = [
+    (1, 256, 128, 8, 2),   # decode
+    (3, 129, 77, 4, 2),    # decode, scalar loads
+    (200, 128, 96, 8, 2),  # grouped GEMM; bf16: the vendor path (H, I multiples of 8)
+    (333, 100, 36, 8, 2),  # grouped GEMM, partial tiles, never the vendor path (H % 8 != 0)
+]
+OPTION_ACTIVATIONS = [(a, g) for a in ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp") for g in (True, False)
+                      if g or a != "swiglu_clamp"]
+
+
+def make_options(w13, w2, num_global, dtype, bias):
+    if not bias:
+        return {}
+    return dict(w13_bias=(torch.randn(num_global, w13.shape[1], device="cuda") / 2).to(dtype),
+                w2_bias=(torch.randn(num_global, w2.shape[1], device="cuda") / 2).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", OPTION_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}".format(*s))
+@pytest.mark.parametrize("activation,gated", OPTION_ACTIVATIONS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("mapped", [False, True], ids=["nomap", "map"])
+@pytest.mark.parametrize("vendor", ["vendor_on", "vendor_off"])
+def test_options_match_reference(shape, dtype, activation, gated, bias, mapped, vendor, monkeypatch):
+    if vendor == "vendor_off" and dtype != torch.bfloat16:
+        pytest.skip("the vendor switch only matters for bf16")
+    if vendor == "vendor_off":
+        monkeypatch.setenv("MOE_SWAP_VENDOR_GEMM", "0")
+    T, H, I, E, k = shape
+    num_global = 2 * E + 1 if mapped else E
+    x, w13, w2, weights, ids = make_problem(T, H, I, E, k, dtype, num_global=num_global)
+    if not gated:
+        w13 = w13[:, :I].contiguous()
+    expert_map = None
+    if mapped:
+        expert_map = torch.full((num_global,), -1, dtype=torch.int32)
+        expert_map[torch.randperm(num_global)[:E]] = torch.randperm(E, dtype=torch.int32)
+        expert_map = expert_map.cuda()
+    options = dict(activation=activation, gated=gated, swiglu_alpha=1.702, swiglu_limit=0.9,
+                   **make_options(w13, w2, num_global, dtype, bias))
+    out = ops.fused_moe(x, w13, w2, weights, ids, expert_map, **options)
+    cpu = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in options.items()}
+    ref = reference.fused_moe(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu(),
+                              None if expert_map is None else expert_map.cpu(), **cpu)
+    assert_close_rel(out.cpu(), ref, dtype)
+
+
+@pytest.mark.parametrize("T", [3, 200])
+def test_options_with_int64_ids_and_graph_capture(T):
+    # the biases read the int32 copy of int64 ids; the whole op stays capturable
+    x, w13, w2, weights, ids = make_problem(T, 128, 64, 8, 2, torch.bfloat16)
+    options = dict(activation="swiglu_clamp", **make_options(w13, w2, 8, torch.bfloat16, True))
+    ids64 = ids.long()
+    eager = ops.fused_moe(x, w13, w2, weights, ids64, **options)
+    graph = torch.cuda.CUDAGraph()
+    ops.fused_moe(x, w13, w2, weights, ids64, **options)  # warm up outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = ops.fused_moe(x, w13, w2, weights, ids64, **options)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager, atol=0, rtol=0)
+
+
+def test_ungated_zero_intermediate_is_the_routed_w2_bias():
+    x, _, _, weights, ids = make_problem(6, 32, 8, 4, 2, torch.float32)
+    w13, w2 = torch.randn(4, 0, 32, device="cuda"), torch.randn(4, 32, 0, device="cuda")
+    w2_bias = torch.randn(4, 32, device="cuda")
+    out = ops.fused_moe(x, w13, w2, weights, ids, None, "relu2", None, w2_bias, False)
+    torch.testing.assert_close(out, (weights[..., None] * w2_bias[ids.long()]).sum(1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("w13_bias_on_cpu", dict(w13_bias=torch.zeros(4, 16)), "w13_bias must be on the device of hidden_states"),
+    ("w2_bias_on_cpu", dict(w2_bias=torch.zeros(4, 16)), "w2_bias must be on the device of hidden_states"),
+])
+def test_biases_on_another_device_are_rejected(name, options, message):
+    x, w13, w2, weights, ids = make_problem(3, 16, 8, 4, 2, torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        ops.fused_moe(x, w13, w2, weights, ids, **options)
+
+
+def test_opcheck_options():
+    for gated, activation in ((True, "swiglu_clamp"), (False, "relu2")):
+        x, w13, w2, weights, ids = make_problem(70, 64, 32, 4, 2, torch.bfloat16)
+        if not gated:
+            w13 = w13[:, :32].contiguous()
+        options = dict(activation=activation, gated=gated, **make_options(w13, w2, 4, torch.bfloat16, True))
+        torch.library.opcheck(torch.ops.moe_swap.fused_moe.default, (x, w13, w2, weights, ids), options)

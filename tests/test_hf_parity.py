@@ -189,3 +189,83 @@ def test_weight_extraction_of_a_module_list_layout():
         expected = torch.stack([sum(weights[t, j] * experts[int(ids[t, j])](x[t]) for j in range(2))
                                 for t in range(5)])
     torch.testing.assert_close(moe_swap.fused_moe(x, w13, w2, weights, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- expert layouts beyond gated, bias-free experts: gpt-oss (interleaved gate/up rows, stored
+# transposed, biases, clamped SwiGLU) and nemotron_h (ungated relu2), against the modules themselves ----
+
+def _routing(num_tokens, num_experts, top_k, device):
+    ids = torch.rand(num_tokens, num_experts).argsort(dim=1)[:, :top_k].to(device)
+    weights = torch.softmax(torch.randn(num_tokens, top_k), dim=-1).to(device)
+    return weights, ids
+
+
+def _gpt_oss_experts():
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    if not hasattr(GptOssExperts, "_apply_gate"):
+        pytest.skip("this transformers' GptOssExperts has no _apply_gate (the layout this test de-interleaves)")
+    config = GptOssConfig(hidden_size=72, intermediate_size=40, num_local_experts=8, num_experts_per_tok=2)
+    experts = GptOssExperts(config)
+    randomize_(experts)
+    with torch.no_grad():  # biases as large as the projections, so that they matter
+        experts.gate_up_proj_bias.mul_(3.0)
+        experts.down_proj_bias.mul_(3.0)
+    return experts, config
+
+
+def gpt_oss_to_fused(experts):
+    """gpt-oss stores gate_up_proj [E, H, 2I] with gate and up rows interleaved (g0, u0, g1, u1, ...)
+    and down_proj [E, I, H]; fused_moe takes [E, 2I, H] gate rows then up rows and [E, H, I]."""
+    gate_up = experts.gate_up_proj.transpose(1, 2)
+    w13 = torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1).contiguous()
+    bias = experts.gate_up_proj_bias
+    w13_bias = torch.cat([bias[:, 0::2], bias[:, 1::2]], dim=1).contiguous()
+    w2 = experts.down_proj.transpose(1, 2).contiguous()
+    return w13, w2, w13_bias, experts.down_proj_bias.contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("limit", [7.0, 0.5], ids=["limit7", "limit0.5"])  # 0.5: most values clamped
+@pytest.mark.parametrize("num_tokens", [1, 9, 150])
+def test_gpt_oss_experts_match_transformers(device, dtype, limit, num_tokens):
+    experts, config = _gpt_oss_experts()
+    experts.limit = limit
+    experts = experts.to(device=device, dtype=dtype)
+    x = (3 * torch.randn(num_tokens, config.hidden_size)).to(device=device, dtype=dtype)
+    weights, ids = _routing(num_tokens, config.num_local_experts, config.num_experts_per_tok, device)
+    with torch.no_grad():
+        expected = experts(x, ids, weights)
+        w13, w2, w13_bias, w2_bias = gpt_oss_to_fused(experts)
+        out = moe_swap.fused_moe(x, w13, w2, weights.float(), ids.int(), activation="swiglu_clamp",
+                                 w13_bias=w13_bias, w2_bias=w2_bias, swiglu_alpha=experts.alpha,
+                                 swiglu_limit=experts.limit)
+    # bf16: transformers rounds the projection, the bias sum, the sigmoid and each product to bf16
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=8e-2, rtol=5e-2)
+    torch.testing.assert_close(out.float(), expected.float(), **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 9, 150])
+def test_nemotron_h_ungated_relu2_experts_match_transformers(device, dtype, num_tokens):
+    try:
+        from transformers import NemotronHConfig
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+    except ImportError:
+        pytest.skip("this transformers has no nemotron_h")
+    config = NemotronHConfig(hidden_size=72, moe_intermediate_size=44, n_routed_experts=8, num_experts_per_tok=2,
+                             mlp_hidden_act="relu2")
+    experts = NemotronHExperts(config)
+    randomize_(experts)
+    experts = experts.to(device=device, dtype=dtype)
+    assert experts.up_proj.shape == (8, 44, 72) and experts.down_proj.shape == (8, 72, 44)
+    x = torch.randn(num_tokens, config.hidden_size).to(device=device, dtype=dtype)
+    weights, ids = _routing(num_tokens, 8, 2, device)
+    with torch.no_grad():
+        expected = experts(x, ids, weights)
+        out = moe_swap.fused_moe(x, experts.up_proj, experts.down_proj, weights.float(), ids.int(),
+                                 activation="relu2", gated=False)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.float(), expected.float(), **tol)

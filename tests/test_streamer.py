@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import moe_swap
-from moe_swap import WeightStreamer
+from moe_swap import WeightStreamer, fused_moe, reference, topk_route
 from moe_swap.streamer import live_counts
 
 from conftest import DEVICES, requires_cuda
@@ -291,9 +291,9 @@ def test_uva_and_sync_have_the_same_contract_errors(mode):
 
 
 @pytest.mark.parametrize("w13_shape,w2_shape,match", [
-    ((2, 7, 8), (2, 8, 3), "odd"),                 # 2I must be even
+    ((2, 7, 8), (2, 8, 3), r"w13.size\(1\) must be 2\*I .* or I .* I = w2.size\(2\) = 3, got 7"),
     ((2, 8, 8), (3, 8, 4), r"w2 must be \[E, H, I\]"),
-    ((2, 8, 8), (2, 8, 5), r"w2 must be \[E, H, I\]"),
+    ((2, 8, 8), (2, 8, 5), r"w13.size\(1\) must be 2\*I"),  # neither 2 * 5 nor 5
     ((2, 8, 8), (2, 6, 4), r"w2 must be \[E, H, I\]"),
     ((2, 0, 8), (2, 8, 0), "positive"),
 ])
@@ -696,3 +696,58 @@ def test_cuda_copy_fault_and_exhaustion():
             s.acquire(0)
         s.release(1)
         s.release(2)
+
+
+# ---- layers with biases and ungated experts: the biases stay with the caller, whole ----
+
+def streamed_options_layer(gated, E=6, I=20, H=24, dtype=torch.float32):
+    """A layer of nemotron_h-like (ungated relu2) or gpt-oss-like (gated swiglu_clamp) experts with biases."""
+    w13 = (torch.randn(E, (2 if gated else 1) * I, H) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I) / I**0.5).to(dtype)
+    b13 = (torch.randn(E, w13.shape[1]) / 2).to(dtype)
+    b2 = (torch.randn(E, H) / 2).to(dtype)
+    options = dict(activation="relu2" if not gated else "swiglu_clamp", w13_bias=b13, w2_bias=b2, gated=gated,
+                   swiglu_alpha=1.702, swiglu_limit=1.2)
+    return w13, w2, options
+
+
+@pytest.mark.parametrize("policy", ["full", "on_demand", "auto"])
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated_relu2", "gated_swiglu_clamp"])
+def test_streamed_layers_with_biases_equal_the_reference(policy, gated):
+    layers = [streamed_options_layer(gated) for _ in range(3)]
+    w13, w2, _ = layers[0]
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    kwargs = {} if policy == "full" else dict(policy=policy, cache_bytes=8 * expert_bytes)  # fewer than 3 layers' 18
+    with WeightStreamer("cpu", slots=2, **kwargs) as s:
+        for a, b, _ in layers:
+            s.add_layer(a, b)
+        assert s.host_bytes == sum(a.nbytes + b.nbytes for a, b, _ in layers)  # no bias in the store
+        for step in range(4):
+            for layer, (a, b, options) in enumerate(layers):
+                tokens = (1, 5, 33, 2)[step]
+                x = torch.randn(tokens, 24)
+                weights, ids = topk_route(torch.randn(tokens, 6), 2, renormalize=True)
+                if policy == "full":
+                    held13, held2 = s.acquire(layer)
+                    assert held13.shape == a.shape
+                    out = fused_moe(x, held13, held2, weights, ids, **options)
+                    s.release(layer, [out])
+                else:
+                    out = s.moe(layer, x, weights, ids, **{k: v for k, v in options.items() if k != "activation"},
+                                activation=options["activation"])
+                expected = reference.fused_moe(x, a, b, weights, ids, **options)
+                torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_streamed_moe_checks_the_biases_it_passes_on():
+    w13, w2, options = streamed_options_layer(False)
+    with WeightStreamer("cpu", slots=2, policy="on_demand") as s:
+        s.add_layer(w13, w2)
+        weights, ids = topk_route(torch.randn(3, 6), 2)
+        with pytest.raises(RuntimeError, match=r"w2_bias must have shape \[6, 24\]"):
+            s.moe(0, torch.randn(3, 24), weights, ids, activation="relu2", gated=False, w2_bias=torch.zeros(6, 23))
+        with pytest.raises(RuntimeError, match=r"w2.size\(2\) must equal I = w13.size\(1\) / 2 \(gated=True\) = 10"):
+            s.moe(0, torch.randn(3, 24), weights, ids)  # an ungated layer called as a gated one
+        # the step was released: the next one works
+        out = s.moe(0, torch.randn(3, 24), weights, ids, activation="relu2", gated=False)
+        assert out.shape == (3, 24)

@@ -3,14 +3,16 @@
 // 1. Validate (moe_checks.h) and make every input contiguous (non-contiguous inputs are accepted).
 // 2. Counting sort of the (token, slot) pairs by expert, checking every id on the way.
 // 3. Gather each expert's tokens into consecutive float rows.
-// 4. Per expert: gate/up projection, fused activation-and-multiply (rounded to the input dtype, as a
-//    model running in that dtype does), down projection; all in float32 accumulators.
+// 4. Per expert: gate/up projection (up only when ungated), fused bias-activation-and-multiply
+//    (rounded to the input dtype, as a model running in that dtype does), down projection; all in
+//    float32 accumulators. The biases are indexed by each row's global expert id, not its slot.
 //    - Experts with up to small_batch_limit() tokens (decode, middle) are cut into row tiles that all
 //      run in one parallel region, one thread per tile, with a kernel that reads each weight row once
 //      for all of the expert's tokens (parallel across experts and across rows within an expert).
 //    - Experts with more tokens (large prefill) run one after another, each projection a float32
 //      GEMM that uses every thread (bfloat16/float16 weights are widened to float32 first).
-// 5. Combine: per token, the routing-weighted sum of its experts' outputs in float32, then the cast.
+// 5. Combine: per token, the routing-weighted sum of its experts' outputs (plus the w2 bias of each
+//    expert's global id) in float32, then the cast.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -52,6 +54,7 @@ WeightType weight_type(at::ScalarType dtype) {
 struct ExpertGroups {
   std::vector<int64_t> row_begin;    // [E + 1]: expert e owns sorted rows [row_begin[e], row_begin[e+1])
   std::vector<int64_t> token_of_row; // [N]: the token each sorted row belongs to
+  std::vector<int64_t> global_of_row; // [N]: the global expert id (topk_ids) of each sorted row: bias index
   std::vector<int64_t> row_of_pair;  // [T * k]: sorted row of pair t*k+j, or -1 (expert not held here)
 };
 
@@ -61,6 +64,7 @@ template <typename id_t>
 ExpertGroups group_pairs_by_expert(const id_t* ids, bool mapped, const int32_t* expert_map, const FusedMoeSizes& s) {
   const int64_t num_pairs = s.num_tokens * s.top_k;
   std::vector<int64_t> expert_of_pair(num_pairs);
+  std::vector<int64_t> global_of_pair(num_pairs);
   std::vector<int64_t> count(s.num_experts + 1, 0);
   for (int64_t p = 0; p < num_pairs; ++p) {
     const int64_t id = static_cast<int64_t>(ids[p]);
@@ -79,6 +83,7 @@ ExpertGroups group_pairs_by_expert(const id_t* ids, bool mapped, const int32_t* 
                   " experts)");
     }
     expert_of_pair[p] = expert;
+    global_of_pair[p] = id;
     if (expert >= 0) ++count[expert + 1];
   }
   ExpertGroups groups;
@@ -86,12 +91,14 @@ ExpertGroups group_pairs_by_expert(const id_t* ids, bool mapped, const int32_t* 
   for (int64_t e = 0; e < s.num_experts; ++e) groups.row_begin[e + 1] = groups.row_begin[e] + count[e + 1];
   std::vector<int64_t> next(groups.row_begin.begin(), groups.row_begin.end() - 1);
   groups.token_of_row.resize(groups.row_begin.back());
+  groups.global_of_row.resize(groups.row_begin.back());
   groups.row_of_pair.assign(num_pairs, -1);
   for (int64_t p = 0; p < num_pairs; ++p) {
     const int64_t expert = expert_of_pair[p];
     if (expert < 0) continue;
     const int64_t row = next[expert]++;
     groups.token_of_row[row] = p / s.top_k;
+    groups.global_of_row[row] = global_of_pair[p];
     groups.row_of_pair[p] = row;
   }
   return groups;
@@ -120,14 +127,27 @@ struct ExpertWork {
   const FusedMoeSizes& s;
   WeightType w_type;
   int64_t w_elem_bytes;
-  const char* w13;      // [E, 2I, H]
+  const char* w13;      // [E, 2I, H] (gated) or [E, I, H]
   const char* w2;       // [E, H, I]
   const float* x;       // [N, H] gathered tokens, sorted by expert
-  float* activated;     // [N, I] act(gate) * up, rounded to the input dtype
+  float* activated;     // [N, I] act(gate + b) * (up + b) or act(up + b), rounded to the input dtype
   float* expert_out;    // [N, H] down projection per sorted row
   const std::vector<int64_t>& row_begin;
+  const std::vector<int64_t>& global_of_row;
+  const float* w13_bias;  // [E_global, w13_rows] float32, or nullptr
+  cpu::ActParams act;
 
-  const char* w13_of(int64_t e) const { return w13 + e * 2 * s.intermediate_size * s.hidden_size * w_elem_bytes; }
+  const char* w13_of(int64_t e) const { return w13 + e * s.w13_rows * s.hidden_size * w_elem_bytes; }
+  // The w13 bias of sorted row `row`, shifted to w13 row `offset`; nullptr without a bias.
+  const float* w13_bias_of(int64_t row, int64_t offset) const {
+    return w13_bias != nullptr ? w13_bias + global_of_row[row] * s.w13_rows + offset : nullptr;
+  }
+  // act_and_mul on sorted row `row`'s gate/up values for intermediate columns [col0, col0 + width).
+  void activate(const float* gate, const float* up, int64_t row, int64_t col0, int64_t width) const {
+    const int64_t I = s.intermediate_size;
+    cpu::act_and_mul()(gate, up, s.gated ? w13_bias_of(row, col0) : nullptr,
+                       w13_bias_of(row, (s.gated ? I : 0) + col0), activated + row * I + col0, width, act, w_type);
+  }
   const char* w2_of(int64_t e) const { return w2 + e * s.hidden_size * s.intermediate_size * w_elem_bytes; }
 };
 
@@ -136,8 +156,8 @@ void run_small_experts(const ExpertWork& work, const std::vector<int64_t>& exper
   const int64_t H = work.s.hidden_size, I = work.s.intermediate_size;
   const int64_t min_tiles = 4 * at::get_num_threads();
   const auto rows_times_tokens = cpu::rows_times_tokens();
-  const auto act_and_mul = cpu::act_and_mul();
-  const int activation = static_cast<int>(work.s.activation);
+  const bool gated = work.s.gated;
+  const int64_t up_row0 = gated ? I : 0;  // w13's up rows follow the gate rows when gated
 
   const std::vector<RowTile> up_tiles = cut_into_tiles(experts, I, min_tiles);
   at::parallel_for(0, static_cast<int64_t>(up_tiles.size()), 1, [&](int64_t begin, int64_t end) {
@@ -147,16 +167,16 @@ void run_small_experts(const ExpertWork& work, const std::vector<int64_t>& exper
       const int64_t row0 = work.row_begin[tile.expert];
       const int64_t n = work.row_begin[tile.expert + 1] - row0;
       const int64_t width = tile.row1 - tile.row0;
-      gate.resize(n * width);
+      gate.resize(gated ? n * width : 0);
       up.resize(n * width);
       const char* w = work.w13_of(tile.expert);
-      rows_times_tokens(work.x + row0 * H, n, H, w + tile.row0 * H * work.w_elem_bytes, work.w_type, width, H, H,
-                        gate.data(), width);
-      rows_times_tokens(work.x + row0 * H, n, H, w + (I + tile.row0) * H * work.w_elem_bytes, work.w_type, width, H,
-                        H, up.data(), width);
+      if (gated)
+        rows_times_tokens(work.x + row0 * H, n, H, w + tile.row0 * H * work.w_elem_bytes, work.w_type, width, H, H,
+                          gate.data(), width);
+      rows_times_tokens(work.x + row0 * H, n, H, w + (up_row0 + tile.row0) * H * work.w_elem_bytes, work.w_type,
+                        width, H, H, up.data(), width);
       for (int64_t t = 0; t < n; ++t)
-        act_and_mul(gate.data() + t * width, up.data() + t * width, work.activated + (row0 + t) * I + tile.row0,
-                    width, activation, work.w_type);
+        work.activate(gated ? gate.data() + t * width : nullptr, up.data() + t * width, row0 + t, tile.row0, width);
     }
   });
 
@@ -177,9 +197,8 @@ void run_large_experts(const ExpertWork& work, const std::vector<int64_t>& exper
                        const at::Tensor& w2, const at::Tensor& x, const at::Tensor& activated,
                        const at::Tensor& expert_out) {
   if (experts.empty()) return;
-  const int64_t I = work.s.intermediate_size;
-  const auto act_and_mul = cpu::act_and_mul();
-  const int activation = static_cast<int>(work.s.activation);
+  const int64_t I = work.s.intermediate_size, rows13 = work.s.w13_rows;
+  const bool gated = work.s.gated;
   const bool widen = w13.scalar_type() != at::kFloat;
   at::Tensor w13_wide, w2_wide;
   if (widen) {
@@ -188,7 +207,7 @@ void run_large_experts(const ExpertWork& work, const std::vector<int64_t>& exper
   }
   int64_t max_rows = 0;
   for (int64_t e : experts) max_rows = std::max(max_rows, work.row_begin[e + 1] - work.row_begin[e]);
-  at::Tensor gate_up = at::empty({max_rows, 2 * I}, x.options());
+  at::Tensor gate_up = at::empty({max_rows, rows13}, x.options());
 
   for (int64_t e : experts) {
     const int64_t row0 = work.row_begin[e];
@@ -205,7 +224,7 @@ void run_large_experts(const ExpertWork& work, const std::vector<int64_t>& exper
     const float* gu = gate_up_e.data_ptr<float>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
-        act_and_mul(gu + t * 2 * I, gu + t * 2 * I + I, work.activated + (row0 + t) * I, I, activation, work.w_type);
+        work.activate(gated ? gu + t * rows13 : nullptr, gu + t * rows13 + (gated ? I : 0), row0 + t, 0, I);
     });
     at::Tensor out_e = expert_out.narrow(0, row0, n);
     at::mm_out(out_e, activated.narrow(0, row0, n), w2_e.t());
@@ -214,7 +233,7 @@ void run_large_experts(const ExpertWork& work, const std::vector<int64_t>& exper
 
 template <typename scalar_t>
 void combine_into_output(const ExpertGroups& groups, const float* expert_out, const float* topk_weights,
-                         const FusedMoeSizes& s, scalar_t* out) {
+                         const float* w2_bias, const FusedMoeSizes& s, scalar_t* out) {
   const int64_t H = s.hidden_size, k = s.top_k;
   at::parallel_for(0, s.num_tokens, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(H);
@@ -225,7 +244,13 @@ void combine_into_output(const ExpertGroups& groups, const float* expert_out, co
         if (row < 0) continue;
         const float w = topk_weights[t * k + j];
         const float* y = expert_out + row * H;
-        for (int64_t h = 0; h < H; ++h) acc[h] += w * y[h];
+        if (w2_bias != nullptr) {
+          // the bias joins the expert's output before the routing weight scales it
+          const float* b = w2_bias + groups.global_of_row[row] * H;
+          for (int64_t h = 0; h < H; ++h) acc[h] += w * (y[h] + b[h]);
+        } else {
+          for (int64_t h = 0; h < H; ++h) acc[h] += w * y[h];
+        }
       }
       for (int64_t h = 0; h < H; ++h) out[t * H + h] = static_cast<scalar_t>(acc[h]);
     }
@@ -236,9 +261,12 @@ void combine_into_output(const ExpertGroups& groups, const float* expert_out, co
 
 at::Tensor fused_moe_cpu(const at::Tensor& hidden_states_in, const at::Tensor& w13_in, const at::Tensor& w2_in,
                          const at::Tensor& topk_weights_in, const at::Tensor& topk_ids_in,
-                         const std::optional<at::Tensor>& expert_map_in, c10::string_view activation) {
-  const FusedMoeSizes s =
-      check_fused_moe_args(hidden_states_in, w13_in, w2_in, topk_weights_in, topk_ids_in, expert_map_in, activation);
+                         const std::optional<at::Tensor>& expert_map_in, c10::string_view activation,
+                         const std::optional<at::Tensor>& w13_bias_in, const std::optional<at::Tensor>& w2_bias_in,
+                         bool gated, double swiglu_alpha, double swiglu_limit) {
+  const FusedMoeSizes s = check_fused_moe_args(hidden_states_in, w13_in, w2_in, topk_weights_in, topk_ids_in,
+                                               expert_map_in, activation, w13_bias_in, w2_bias_in, gated, swiglu_alpha,
+                                               swiglu_limit);
   TORCH_CHECK(hidden_states_in.device().is_cpu(), "fused_moe_cpu: hidden_states must be on the CPU, got ",
               hidden_states_in.device());
   at::Tensor out = at::empty({s.num_tokens, s.hidden_size}, hidden_states_in.options());
@@ -272,6 +300,9 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden_states_in, const at::Tensor& w
         std::memcpy(dst + r * H, src + groups.token_of_row[r] * H, H * sizeof(float));
     });
   }
+  // The biases are tiny ([E_global, 2I] and [E_global, H]): widened to float32 whole.
+  const at::Tensor w13_bias = s.has_w13_bias ? w13_bias_in->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor w2_bias = s.has_w2_bias ? w2_bias_in->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor activated = at::empty({num_rows, I}, f32);
   at::Tensor expert_out = at::empty({num_rows, H}, f32);
 
@@ -284,7 +315,10 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden_states_in, const at::Tensor& w
                         x.data_ptr<float>(),
                         activated.data_ptr<float>(),
                         expert_out.data_ptr<float>(),
-                        groups.row_begin};
+                        groups.row_begin,
+                        groups.global_of_row,
+                        s.has_w13_bias ? w13_bias.data_ptr<float>() : nullptr,
+                        cpu::ActParams{static_cast<int>(s.activation), s.swiglu_alpha, s.swiglu_limit}};
   std::vector<int64_t> small_experts, large_experts;
   for (int64_t e = 0; e < s.num_experts; ++e) {
     const int64_t n = groups.row_begin[e + 1] - groups.row_begin[e];
@@ -295,8 +329,8 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden_states_in, const at::Tensor& w
   run_large_experts(work, large_experts, w13, w2, x, activated, expert_out);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fused_moe_cpu_combine", [&] {
-    combine_into_output<scalar_t>(groups, expert_out.data_ptr<float>(), topk_weights.data_ptr<float>(), s,
-                                  out.data_ptr<scalar_t>());
+    combine_into_output<scalar_t>(groups, expert_out.data_ptr<float>(), topk_weights.data_ptr<float>(),
+                                  s.has_w2_bias ? w2_bias.data_ptr<float>() : nullptr, s, out.data_ptr<scalar_t>());
   });
   return out;
 }

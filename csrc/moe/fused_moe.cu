@@ -8,7 +8,8 @@
 //     output are rounded to bf16 there (within bf16 tolerance of the contract; MOE_SWAP_VENDOR_GEMM=0
 //     turns this off);
 //   otherwise: the tiled grouped GEMM (moe_gemm.cuh), tensor cores for bf16/fp16 on sm_80+.
-// The combine gathers each token's k expert rows in order j = 0..k-1 (deterministic, no atomics).
+// The combine gathers each token's k expert rows in order j = 0..k-1 (deterministic, no atomics),
+// adding each pair's w2 bias. Both biases are indexed by the pair's global id (topk_ids, as int32).
 // Invalid expert ids are dropped on the device; in debug mode they raise afterwards (not while capturing a graph).
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,6 +19,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "core/checks.h"
 #include "moe/moe_checks.h"
@@ -44,18 +46,24 @@ void dispatch_float_dtype(at::ScalarType dtype, F&& f) {
   }
 }
 
-// out[t, :] = sum_j topk_weights[t, j] * expert_out[pair_row[t * k + j], :], in j order, skipping
-// dropped pairs; float32 sum, written in the output dtype. One block per token.
+// out[t, :] = sum_j topk_weights[t, j] * (expert_out[pair_row[t * k + j], :] + w2_bias[g, :]), in j
+// order, skipping dropped pairs (g = global_ids[t * k + j]; no bias when w2_bias is null); float32
+// sum, written in the output dtype. One block per token.
 template <typename T, typename ExpertOutT>
 __global__ void moe_combine_kernel(const ExpertOutT* __restrict__ expert_out, int64_t expert_out_stride,
                                    const float* __restrict__ topk_weights, const int* __restrict__ pair_row, int topk,
-                                   int H, T* __restrict__ out) {
+                                   int H, const T* __restrict__ w2_bias, const int* __restrict__ global_ids,
+                                   T* __restrict__ out) {
   const int64_t t = blockIdx.x;
   for (int h = threadIdx.x; h < H; h += blockDim.x) {
     float acc = 0.0f;
     for (int j = 0; j < topk; ++j) {
-      const int row = pair_row[t * topk + j];
-      if (row >= 0) acc += topk_weights[t * topk + j] * to_float(expert_out[row * expert_out_stride + h]);
+      const int64_t pair = t * topk + j;
+      const int row = pair_row[pair];
+      if (row < 0) continue;
+      float y = to_float(expert_out[row * expert_out_stride + h]);
+      if (w2_bias != nullptr) y += to_float(w2_bias[static_cast<int64_t>(global_ids[pair]) * H + h]);
+      acc += topk_weights[pair] * y;
     }
     out[t * H + h] = from_float<T>(acc);
   }
@@ -72,17 +80,20 @@ __global__ void moe_gather_rows_kernel(const T* __restrict__ hidden_states, cons
   for (int h = threadIdx.x; h < H; h += blockDim.x) gathered[static_cast<int64_t>(row) * H + h] = hidden_states[token * H + h];
 }
 
-// Vendor path: intermediate[row, n] = act(gate_up[row, n]) * gate_up[row, I + n], rounded to T.
+// Vendor path: intermediate[row, n] = activate_pair(gate_up[row, n], gate_up[row, I + n]) (gated) or
+// activate_pair(gate_up[row, n]) (ungated: gate_up holds the up rows only), rounded to T.
 template <typename T>
 __global__ void moe_act_and_mul_kernel(const T* __restrict__ gate_up, int64_t gate_up_stride,
-                                       const int* __restrict__ expert_offsets, int num_experts, int I, int activation,
-                                       T* __restrict__ intermediate) {
+                                       const int* __restrict__ expert_offsets, const int* __restrict__ sorted_pairs,
+                                       int num_experts, int I, MoeActArgs<T> act, T* __restrict__ intermediate) {
   const int row = blockIdx.x;
   if (row >= expert_offsets[num_experts]) return;
   const T* gu = gate_up + row * gate_up_stride;
+  const int pair = sorted_pairs[row];
   for (int n = threadIdx.x; n < I; n += blockDim.x) {
-    intermediate[static_cast<int64_t>(row) * I + n] =
-        from_float<T>(apply_activation(to_float(gu[n]), activation) * to_float(gu[I + n]));
+    const float gate = act.gated ? to_float(gu[n]) : 0.0f;
+    const float up = to_float(gu[act.gated ? I + n : n]);
+    intermediate[static_cast<int64_t>(row) * I + n] = from_float<T>(activate_pair(act, pair, n, I, gate, up));
   }
 }
 
@@ -120,8 +131,11 @@ void raise_on_invalid_pair(const MoeRouting& routing, const at::Tensor& topk_ids
 
 at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
                           const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                          const std::optional<at::Tensor>& expert_map, c10::string_view activation) {
-  const FusedMoeSizes sizes = check_fused_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation);
+                          const std::optional<at::Tensor>& expert_map, c10::string_view activation,
+                          const std::optional<at::Tensor>& w13_bias, const std::optional<at::Tensor>& w2_bias,
+                          bool gated, double swiglu_alpha, double swiglu_limit) {
+  const FusedMoeSizes sizes = check_fused_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, expert_map,
+                                                   activation, w13_bias, w2_bias, gated, swiglu_alpha, swiglu_limit);
   const int64_t T = sizes.num_tokens;
   const int64_t H = sizes.hidden_size;
   const int64_t I = sizes.intermediate_size;
@@ -132,12 +146,13 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
 
   at::Tensor out = at::empty({T, H}, hidden_states.options());
   if (T == 0 || H == 0) return out;
-  if (I == 0 || k == 0) return out.zero_();
+  // I == 0: each pair contributes its w2 bias alone (the combine below), or nothing
+  if (k == 0 || (I == 0 && !sizes.has_w2_bias)) return out.zero_();
   const int64_t num_pairs = T * k;
   constexpr int64_t kIntLimit = int64_t{1} << 31;  // kernels index rows and columns with int
-  TORCH_CHECK(num_pairs < kIntLimit && 2 * I < kIntLimit && H < kIntLimit && E < kIntLimit,
-              "fused_moe: T * k, 2 * I, H and E must each be below 2^31, got T * k = ", num_pairs, ", I = ", I,
-              ", H = ", H, ", E = ", E);
+  TORCH_CHECK(num_pairs < kIntLimit && sizes.w13_rows < kIntLimit && H < kIntLimit && E < kIntLimit,
+              "fused_moe: T * k, w13.size(1), H and E must each be below 2^31, got T * k = ", num_pairs,
+              ", w13.size(1) = ", sizes.w13_rows, ", H = ", H, ", E = ", E);
 
   const at::Tensor x = hidden_states.contiguous();
   const at::Tensor w13_c = w13.contiguous();
@@ -147,13 +162,20 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const std::optional<at::Tensor> map_c =
       expert_map.has_value() ? std::optional<at::Tensor>(expert_map->contiguous()) : std::nullopt;
   const int64_t num_ids = sizes.num_global_experts;
-
+  const at::Tensor w13_bias_c = sizes.has_w13_bias ? w13_bias->contiguous() : at::Tensor();
+  const at::Tensor w2_bias_c = sizes.has_w2_bias ? w2_bias->contiguous() : at::Tensor();
+  // The bias row of each pair: its global id as int32 (a valid id is below E_global < 2^31; pairs
+  // whose int64 id does not fit are invalid, dropped by the sort, and never read a bias).
+  const at::Tensor global_ids = !(sizes.has_w13_bias || sizes.has_w2_bias) ? at::Tensor()
+                                : ids_c.scalar_type() == at::kInt      ? ids_c
+                                                                       : ids_c.to(at::kInt);
+  const int* global_ids_ptr = global_ids.defined() ? global_ids.data_ptr<int>() : nullptr;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const bool decode = num_pairs <= kDecodeMaxPairs;
   const bool vendor = !decode && hidden_states.scalar_type() == at::kBFloat16 &&
                       // exactly the archs of torch's CUTLASS path: elsewhere it loops on the host (a sync)
-                      props->minor == 0 && (props->major == 9 || props->major == 10) && H % 8 == 0 && I % 8 == 0 &&
+                      props->minor == 0 && (props->major == 9 || props->major == 10) && H % 8 == 0 && I % 8 == 0 && I > 0 &&
                       is_aligned_16(w13_c.data_ptr()) && is_aligned_16(w2_c.data_ptr()) && vendor_gemm_allowed();
 
   // ---- sort the pairs by expert ----
@@ -181,7 +203,17 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (debug_sync_now()) raise_on_invalid_pair(routing, ids_c, map_c, num_pairs, k, E, stream);
 
   if (E == 0) return out.zero_();  // every pair was invalid and dropped (or raised above)
-  const int act = static_cast<int>(sizes.activation);
+  // The activation's arguments in the kernels' element type (the bias pointer is typed).
+  const auto act_args = [&](auto tag) {
+    using T_ = decltype(tag);
+    return MoeActArgs<T_>{static_cast<int>(sizes.activation), sizes.gated, sizes.swiglu_alpha, sizes.swiglu_limit,
+                          sizes.has_w13_bias ? reinterpret_cast<const T_*>(w13_bias_c.data_ptr()) : nullptr,
+                          global_ids_ptr, static_cast<int>(sizes.w13_rows)};
+  };
+  const auto w2_bias_of = [&](auto tag) {
+    using T_ = decltype(tag);
+    return sizes.has_w2_bias ? reinterpret_cast<const T_*>(w2_bias_c.data_ptr()) : nullptr;
+  };
   const int combine_threads = static_cast<int>(std::min<int64_t>(256, ((H + 31) / 32) * 32));
 
   if (vendor) {
@@ -195,13 +227,14 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     const at::Tensor gate_up = at::_grouped_mm(gathered, w13_c.transpose(1, 2), expert_ends);
     const at::Tensor intermediate = at::empty({num_pairs, I}, x.options());
     moe_act_and_mul_kernel<T_><<<static_cast<unsigned>(num_pairs), 256, 0, stream>>>(
-        reinterpret_cast<const T_*>(gate_up.data_ptr()), gate_up.stride(0), routing.expert_offsets,
-        static_cast<int>(E), static_cast<int>(I), act, reinterpret_cast<T_*>(intermediate.data_ptr()));
+        reinterpret_cast<const T_*>(gate_up.data_ptr()), gate_up.stride(0), routing.expert_offsets, routing.sorted_pairs,
+        static_cast<int>(E), static_cast<int>(I), act_args(T_{}), reinterpret_cast<T_*>(intermediate.data_ptr()));
     MOE_SWAP_LAUNCH_CHECK();
     const at::Tensor expert_out = at::_grouped_mm(intermediate, w2_c.transpose(1, 2), expert_ends);
     moe_combine_kernel<T_, T_><<<static_cast<unsigned>(T), combine_threads, 0, stream>>>(
         reinterpret_cast<const T_*>(expert_out.data_ptr()), expert_out.stride(0), weights_c.data_ptr<float>(),
-        routing.pair_row, static_cast<int>(k), static_cast<int>(H), reinterpret_cast<T_*>(out.data_ptr()));
+        routing.pair_row, static_cast<int>(k), static_cast<int>(H), w2_bias_of(T_{}), global_ids_ptr,
+        reinterpret_cast<T_*>(out.data_ptr()));
     MOE_SWAP_LAUNCH_CHECK();
     return out;
   }
@@ -218,8 +251,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     constexpr int kVec = kVecElems<T_>;
     const bool gate_up_vec = H % kVec == 0 && is_aligned_16(x_ptr) && is_aligned_16(w13_ptr);
     const bool down_vec = I % kVec == 0 && is_aligned_16(inter_ptr) && is_aligned_16(w2_ptr);
+    const MoeActArgs<T_> act = act_args(tag);
 
-    if (decode) {
+    if (I == 0) {
+      C10_CUDA_CHECK(cudaMemsetAsync(expert_out_ptr, 0, expert_out.nbytes(), stream));  // only the w2 bias remains
+    } else if (decode) {
       const unsigned max_active = static_cast<unsigned>(std::min<int64_t>(E, num_pairs));
       const dim3 gate_up_grid(max_active, static_cast<unsigned>((I + kDecodeWarps - 1) / kDecodeWarps));
       const dim3 down_grid(max_active, static_cast<unsigned>((H + kDecodeWarps - 1) / kDecodeWarps));
@@ -247,26 +283,36 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                                            static_cast<int>(E), routing.expert_offsets, routing.tile_offsets,
                                            routing.sorted_pairs};
       const bool tensor_cores = props->major >= 8;
+      // gate-up: <tensor cores, gated> picked at run time; the down projection has no gate
+      const auto launch_gate_up = [&](auto tensor_cores_tag, auto gated_tag) {
+        moe_grouped_gemm_kernel<T_, true, decltype(tensor_cores_tag)::value, decltype(gated_tag)::value>
+            <<<gate_up_grid, kGemmThreads, 0, stream>>>(gate_up_args);
+        MOE_SWAP_LAUNCH_CHECK();
+      };
+      const auto launch_down = [&](auto tensor_cores_tag) {
+        moe_grouped_gemm_kernel<T_, false, decltype(tensor_cores_tag)::value><<<down_grid, kGemmThreads, 0, stream>>>(
+            down_args);
+        MOE_SWAP_LAUNCH_CHECK();
+      };
+      const auto launch_both = [&](auto tensor_cores_tag) {
+        if (sizes.gated) {
+          launch_gate_up(tensor_cores_tag, std::true_type{});
+        } else {
+          launch_gate_up(tensor_cores_tag, std::false_type{});
+        }
+        launch_down(tensor_cores_tag);
+      };
       if constexpr (std::is_same_v<T_, float>) {
-        moe_grouped_gemm_kernel<T_, true, false><<<gate_up_grid, kGemmThreads, 0, stream>>>(gate_up_args);
-        MOE_SWAP_LAUNCH_CHECK();
-        moe_grouped_gemm_kernel<T_, false, false><<<down_grid, kGemmThreads, 0, stream>>>(down_args);
-        MOE_SWAP_LAUNCH_CHECK();
+        launch_both(std::false_type{});
       } else if (tensor_cores) {
-        moe_grouped_gemm_kernel<T_, true, true><<<gate_up_grid, kGemmThreads, 0, stream>>>(gate_up_args);
-        MOE_SWAP_LAUNCH_CHECK();
-        moe_grouped_gemm_kernel<T_, false, true><<<down_grid, kGemmThreads, 0, stream>>>(down_args);
-        MOE_SWAP_LAUNCH_CHECK();
+        launch_both(std::true_type{});
       } else {
-        moe_grouped_gemm_kernel<T_, true, false><<<gate_up_grid, kGemmThreads, 0, stream>>>(gate_up_args);
-        MOE_SWAP_LAUNCH_CHECK();
-        moe_grouped_gemm_kernel<T_, false, false><<<down_grid, kGemmThreads, 0, stream>>>(down_args);
-        MOE_SWAP_LAUNCH_CHECK();
+        launch_both(std::false_type{});
       }
     }
     moe_combine_kernel<T_, float><<<static_cast<unsigned>(T), combine_threads, 0, stream>>>(
         expert_out_ptr, H, weights_c.data_ptr<float>(), routing.pair_row, static_cast<int>(k), static_cast<int>(H),
-        reinterpret_cast<T_*>(out.data_ptr()));
+        w2_bias_of(tag), global_ids_ptr, reinterpret_cast<T_*>(out.data_ptr()));
     MOE_SWAP_LAUNCH_CHECK();
   });
   return out;

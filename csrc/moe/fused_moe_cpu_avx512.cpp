@@ -171,35 +171,72 @@ inline __m512 round_f16_ps(__m512 v) {
   return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-template <int kActivation, WeightType kRound>
-void act_and_mul_typed(const float* gate, const float* up, float* out, int64_t n) {
+inline __m512 relu2_ps(__m512 x) {
+  const __m512 r = _mm512_max_ps(_mm512_setzero_ps(), x);  // returns x when x is NaN, as torch.relu
+  return _mm512_mul_ps(r, r);
+}
+
+template <int kActivation>
+inline __m512 activate_ps(__m512 x) {
+  if constexpr (kActivation == 0) return x_times_sigmoid(x, x);
+  if constexpr (kActivation == 1) return gelu_erf_ps(x);
+  if constexpr (kActivation == 2) return gelu_tanh_ps(x);
+  return relu2_ps(x);
+}
+
+inline __m512 load_bias(const float* bias, int64_t i, __mmask16 mask) {
+  return bias != nullptr ? _mm512_maskz_loadu_ps(mask, bias + i) : _mm512_setzero_ps();
+}
+
+template <int kActivation, bool kGated, WeightType kRound>
+void act_and_mul_typed(const float* gate, const float* up, const float* gate_bias, const float* up_bias, float* out,
+                       int64_t n, const ActParams& act) {
+  const __m512 limit = _mm512_set1_ps(act.swiglu_limit);
+  const __m512 neg_limit = _mm512_set1_ps(-act.swiglu_limit);
+  const __m512 alpha = _mm512_set1_ps(act.swiglu_alpha);
   for (int64_t i = 0; i < n; i += kLanes) {
     const __mmask16 mask = n - i >= kLanes ? static_cast<__mmask16>(0xFFFF)
                                            : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 g = _mm512_maskz_loadu_ps(mask, gate + i);
-    const __m512 u = _mm512_maskz_loadu_ps(mask, up + i);
-    __m512 a;
-    if constexpr (kActivation == 0) {
-      a = x_times_sigmoid(g, g);
-    } else if constexpr (kActivation == 1) {
-      a = gelu_erf_ps(g);
+    const __m512 u = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, up + i), load_bias(up_bias, i, mask));
+    __m512 h;
+    if constexpr (!kGated) {
+      h = activate_ps<kActivation>(u);
     } else {
-      a = gelu_tanh_ps(g);
+      const __m512 g = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, gate + i), load_bias(gate_bias, i, mask));
+      if constexpr (kActivation == 4) {
+        // min/max return their second operand when one is NaN: NaN passes through, as torch.clamp
+        const __m512 gc = _mm512_min_ps(limit, g);
+        const __m512 uc = _mm512_max_ps(neg_limit, _mm512_min_ps(limit, u));
+        h = _mm512_mul_ps(_mm512_add_ps(uc, _mm512_set1_ps(1.0f)), x_times_sigmoid(gc, _mm512_mul_ps(alpha, gc)));
+      } else {
+        h = _mm512_mul_ps(activate_ps<kActivation>(g), u);
+      }
     }
-    __m512 h = _mm512_mul_ps(a, u);
     if constexpr (kRound == WeightType::kBFloat16) h = round_bf16_ps(h);
     if constexpr (kRound == WeightType::kFloat16) h = round_f16_ps(h);
     _mm512_mask_storeu_ps(out + i, mask, h);
   }
 }
 
-template <int kActivation>
-void act_and_mul_round(const float* gate, const float* up, float* out, int64_t n, WeightType round_to) {
+template <int kActivation, bool kGated>
+void act_and_mul_round(const float* gate, const float* up, const float* gate_bias, const float* up_bias, float* out,
+                       int64_t n, const ActParams& act, WeightType round_to) {
   switch (round_to) {
-    case WeightType::kFloat32: return act_and_mul_typed<kActivation, WeightType::kFloat32>(gate, up, out, n);
-    case WeightType::kBFloat16: return act_and_mul_typed<kActivation, WeightType::kBFloat16>(gate, up, out, n);
-    case WeightType::kFloat16: return act_and_mul_typed<kActivation, WeightType::kFloat16>(gate, up, out, n);
+    case WeightType::kFloat32:
+      return act_and_mul_typed<kActivation, kGated, WeightType::kFloat32>(gate, up, gate_bias, up_bias, out, n, act);
+    case WeightType::kBFloat16:
+      return act_and_mul_typed<kActivation, kGated, WeightType::kBFloat16>(gate, up, gate_bias, up_bias, out, n, act);
+    case WeightType::kFloat16:
+      return act_and_mul_typed<kActivation, kGated, WeightType::kFloat16>(gate, up, gate_bias, up_bias, out, n, act);
   }
+}
+
+template <int kActivation>
+void act_and_mul_gated(const float* gate, const float* up, const float* gate_bias, const float* up_bias, float* out,
+                       int64_t n, const ActParams& act, WeightType round_to) {
+  if (gate != nullptr) return act_and_mul_round<kActivation, true>(gate, up, gate_bias, up_bias, out, n, act, round_to);
+  // swiglu_clamp is gated only (checked before the kernels run); its ungated build is never used
+  if constexpr (kActivation != 4) act_and_mul_round<kActivation, false>(gate, up, gate_bias, up_bias, out, n, act, round_to);
 }
 
 }  // namespace
@@ -216,12 +253,14 @@ void rows_times_tokens_avx512(const float* x, int64_t num_tokens, int64_t ld_x, 
   }
 }
 
-void act_and_mul_avx512(const float* gate, const float* up, float* out, int64_t n, int activation,
-                        WeightType round_to) {
-  switch (activation) {
-    case 0: return act_and_mul_round<0>(gate, up, out, n, round_to);
-    case 1: return act_and_mul_round<1>(gate, up, out, n, round_to);
-    default: return act_and_mul_round<2>(gate, up, out, n, round_to);
+void act_and_mul_avx512(const float* gate, const float* up, const float* gate_bias, const float* up_bias,
+                        float* out, int64_t n, const ActParams& act, WeightType round_to) {
+  switch (act.activation) {
+    case 0: return act_and_mul_gated<0>(gate, up, gate_bias, up_bias, out, n, act, round_to);
+    case 1: return act_and_mul_gated<1>(gate, up, gate_bias, up_bias, out, n, act, round_to);
+    case 2: return act_and_mul_gated<2>(gate, up, gate_bias, up_bias, out, n, act, round_to);
+    case 3: return act_and_mul_gated<3>(gate, up, gate_bias, up_bias, out, n, act, round_to);
+    default: return act_and_mul_gated<4>(gate, up, gate_bias, up_bias, out, n, act, round_to);
   }
 }
 

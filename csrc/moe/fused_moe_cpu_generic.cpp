@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -57,20 +58,43 @@ void rows_times_tokens_generic(const float* x, int64_t num_tokens, int64_t ld_x,
   }
 }
 
-void act_and_mul_generic(const float* gate, const float* up, float* out, int64_t n, int activation,
-                         WeightType round_to) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    float a;
-    if (activation == 0) {
-      a = g / (1.0f + std::exp(-g));
-    } else if (activation == 1) {
-      a = 0.5f * g * (1.0f + std::erf(g * 0.70710678118654752f));
-    } else {
-      const float u = 0.79788456080286536f * (g + 0.044715f * g * g * g);
-      a = 0.5f * g * (1.0f + std::tanh(u));
+namespace {
+// act(x) of the gated (times up) and ungated activations; swiglu_clamp is handled by the caller.
+inline float activate(float x, int activation) {
+  switch (activation) {
+    case 0: return x / (1.0f + std::exp(-x));
+    case 1: return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    case 2: {
+      const float u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+      return 0.5f * x * (1.0f + std::tanh(u));
     }
-    const float h = a * up[i];
+    default: {
+      const float r = x < 0.0f ? 0.0f : x;  // NaN stays NaN, as torch.relu
+      return r * r;
+    }
+  }
+}
+}  // namespace
+
+void act_and_mul_generic(const float* gate, const float* up, const float* gate_bias, const float* up_bias,
+                         float* out, int64_t n, const ActParams& act, WeightType round_to) {
+  const float limit = act.swiglu_limit;
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = up[i] + (up_bias != nullptr ? up_bias[i] : 0.0f);
+    float h;
+    if (gate == nullptr) {
+      h = activate(u, act.activation);
+    } else {
+      const float g = gate[i] + (gate_bias != nullptr ? gate_bias[i] : 0.0f);
+      if (act.activation == 4) {
+        // std::min/max keep a NaN first operand, as torch.clamp does
+        const float gc = std::min(g, limit);
+        const float uc = std::max(std::min(u, limit), -limit);
+        h = (uc + 1.0f) * (gc / (1.0f + std::exp(-act.swiglu_alpha * gc)));
+      } else {
+        h = activate(g, act.activation) * u;
+      }
+    }
     switch (round_to) {
       case WeightType::kFloat32: out[i] = h; break;
       case WeightType::kBFloat16: out[i] = static_cast<float>(c10::BFloat16(h)); break;

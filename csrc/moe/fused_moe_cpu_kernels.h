@@ -17,22 +17,32 @@ using RowsTimesTokensFn = void (*)(const float* x, int64_t num_tokens, int64_t l
                                    WeightType w_type, int64_t num_rows, int64_t ld_w, int64_t depth,
                                    float* out, int64_t ld_out);
 
-// out[i] = round(act(gate[i]) * up[i]) for i < n, where act is MoeActivation (0 silu, 1 gelu,
-// 2 gelu_tanh) and round is to `round_to` (the input dtype: float32 keeps the value).
-using ActAndMulFn = void (*)(const float* gate, const float* up, float* out, int64_t n, int activation,
-                             WeightType round_to);
+// The activation of one expert's intermediate row (see MoeActivation in moe_checks.h): activation
+// 0 silu, 1 gelu, 2 gelu_tanh, 3 relu2, 4 swiglu_clamp (gpt-oss, gated only, uses alpha and limit).
+struct ActParams {
+  int activation;
+  float swiglu_alpha;
+  float swiglu_limit;
+};
+
+// Gated (gate != nullptr): out[i] = round(act(gate[i] + gate_bias[i]) * (up[i] + up_bias[i]));
+// swiglu_clamp: round((clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')), g' = min(g, limit).
+// Ungated (gate == nullptr): out[i] = round(act(up[i] + up_bias[i])). A null bias is zero. The bias
+// is added to the float32 accumulator; round is to `round_to` (the input dtype: float32 keeps the value).
+using ActAndMulFn = void (*)(const float* gate, const float* up, const float* gate_bias, const float* up_bias,
+                             float* out, int64_t n, const ActParams& act, WeightType round_to);
 
 void rows_times_tokens_generic(const float* x, int64_t num_tokens, int64_t ld_x, const void* w, WeightType w_type,
                                int64_t num_rows, int64_t ld_w, int64_t depth, float* out, int64_t ld_out);
-void act_and_mul_generic(const float* gate, const float* up, float* out, int64_t n, int activation,
-                         WeightType round_to);
+void act_and_mul_generic(const float* gate, const float* up, const float* gate_bias, const float* up_bias,
+                         float* out, int64_t n, const ActParams& act, WeightType round_to);
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MOE_SWAP_HAVE_AVX512_KERNELS 1
 void rows_times_tokens_avx512(const float* x, int64_t num_tokens, int64_t ld_x, const void* w, WeightType w_type,
                               int64_t num_rows, int64_t ld_w, int64_t depth, float* out, int64_t ld_out);
-void act_and_mul_avx512(const float* gate, const float* up, float* out, int64_t n, int activation,
-                        WeightType round_to);
+void act_and_mul_avx512(const float* gate, const float* up, const float* gate_bias, const float* up_bias,
+                        float* out, int64_t n, const ActParams& act, WeightType round_to);
 #endif
 
 // The best build for this CPU, chosen once.

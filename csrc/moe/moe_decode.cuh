@@ -53,20 +53,21 @@ __device__ __forceinline__ void decode_dot_rows(const T* const (&w_rows)[kRowsOf
   }
 }
 
-// intermediate[row, n] = act(w13[e, n] . x_t) * (w13[e, I + n] . x_t), rounded to T, for every sorted
-// row of expert e (t = sorted_pairs[row] / topk).
+// intermediate[row, n] = act(w13[e, n] . x_t + b) * (w13[e, I + n] . x_t + b), or act(w13[e, n] . x_t + b)
+// when ungated (activate_pair), rounded to T, for every sorted row of expert e (t = sorted_pairs[row] / topk).
 template <typename T>
 __global__ void __launch_bounds__(kDecodeWarps * 32)
     moe_decode_gate_up_kernel(const T* __restrict__ hidden_states, const T* __restrict__ w13,
                               const int* __restrict__ active_experts, const int* __restrict__ expert_offsets,
-                              const int* __restrict__ sorted_pairs, int topk, int H, int I, int activation,
+                              const int* __restrict__ sorted_pairs, int topk, int H, int I, MoeActArgs<T> act,
                               bool vec_ok, T* __restrict__ intermediate) {
   const int expert = active_experts[blockIdx.x];
   const int n = static_cast<int>(blockIdx.y) * kDecodeWarps + static_cast<int>(threadIdx.x / 32);
   if (expert < 0 || n >= I) return;  // no block-wide barrier below: warps may leave on their own
   const int lane = threadIdx.x & 31;
-  const T* const w_rows[2] = {w13 + (static_cast<int64_t>(expert) * 2 * I + n) * H,
-                              w13 + (static_cast<int64_t>(expert) * 2 * I + I + n) * H};
+  const T* w_expert = w13 + static_cast<int64_t>(expert) * act.w13_rows * H;
+  const T* const w_rows[2] = {w_expert + static_cast<int64_t>(n) * H, w_expert + static_cast<int64_t>(I + n) * H};
+  const T* const up_row[1] = {w_expert + static_cast<int64_t>(n) * H};  // ungated: the up rows come first
   const int row_end = expert_offsets[expert + 1];
   for (int row0 = expert_offsets[expert]; row0 < row_end; row0 += kDecodeTokens) {
     const int count = min(kDecodeTokens, row_end - row0);
@@ -75,15 +76,23 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     for (int i = 0; i < kDecodeTokens; ++i) {
       x_rows[i] = hidden_states + static_cast<int64_t>(sorted_pairs[row0 + min(i, count - 1)] / topk) * H;
     }
-    float acc[2][kDecodeTokens] = {};
-    decode_dot_rows<T, 2>(w_rows, x_rows, count, H, vec_ok, acc);
+    float acc[2][kDecodeTokens] = {};  // gate, up
+    if (act.gated) {
+      decode_dot_rows<T, 2>(w_rows, x_rows, count, H, vec_ok, acc);
+    } else {
+      float up_acc[1][kDecodeTokens] = {};
+      decode_dot_rows<T, 1>(up_row, x_rows, count, H, vec_ok, up_acc);
+#pragma unroll
+      for (int i = 0; i < kDecodeTokens; ++i) acc[1][i] = up_acc[0][i];
+    }
 #pragma unroll
     for (int i = 0; i < kDecodeTokens; ++i) {
       if (i < count) {
         const float gate = warp_sum(acc[0][i]);
         const float up = warp_sum(acc[1][i]);
         if (lane == 0) {
-          intermediate[static_cast<int64_t>(row0 + i) * I + n] = from_float<T>(apply_activation(gate, activation) * up);
+          const int row = row0 + i;
+          intermediate[static_cast<int64_t>(row) * I + n] = from_float<T>(activate_pair(act, sorted_pairs[row], n, I, gate, up));
         }
       }
     }

@@ -2,8 +2,9 @@
 // column tile). Rows are the expert's contiguous sorted rows; both operands are K-contiguous
 // (activation rows times weight rows), so out[r, n] = sum_k a[r, k] * w[e, n, k].
 //   gate-up: a = hidden_states gathered through sorted_pairs, w = w13; the block computes the gate
-//            tile (rows n) and the up tile (rows I + n) together and writes act(gate) * up, rounded
-//            to the input dtype, into the intermediate [rows, I].
+//            tile (rows n) and the up tile (rows I + n) together (only the up tile, rows n, when
+//            ungated) and writes activate_pair (bias, act(gate) * up or act(up)), rounded to the
+//            input dtype, into the intermediate [rows, I].
 //   down:    a = the intermediate, w = w2; writes float32 [rows, H] for the weighted combine.
 // bf16/fp16 use tensor cores through wmma (sm_80+); float32, and older archs, use float FMA. Both
 // accumulate in float32. Tiles are zero-filled past the matrix edges, so any H and I work; 16-byte
@@ -33,12 +34,12 @@ inline int64_t grouped_gemm_max_row_tiles(int64_t num_pairs, int64_t num_experts
 template <typename T, typename OutT>
 struct GroupedGemmArgs {
   const T* a;    // gate-up: hidden_states [T, K]; down: intermediate [rows, K]
-  const T* w;    // gate-up: w13 [E, 2N, K]; down: w2 [E, N, K]
+  const T* w;    // gate-up: w13 [E, 2N, K] (gated) or [E, N, K]; down: w2 [E, N, K]
   OutT* out;     // gate-up: intermediate [rows, N] in T; down: float32 [rows, N]
   int K;
   int N;
   int topk;        // gate-up: the hidden_states row of sorted row r is sorted_pairs[r] / topk
-  int activation;  // MoeActivation, gate-up only
+  MoeActArgs<T> act;  // gate-up only
   bool vec_ok;     // 16-byte loads allowed (K multiple of the vector, operands aligned)
   int num_experts;
   const int* expert_offsets;
@@ -201,10 +202,11 @@ __device__ __forceinline__ void grouped_gemm_mainloop_wmma(unsigned char* smem, 
 #endif
 
 // grid: (grouped_gemm_max_row_tiles, ceil(N / 64)); blocks past the real tile count exit at once.
-template <typename T, bool kGateUp, bool kTensorCores>
+// kGated (gate-up only): w13 holds gate and up rows; else up rows only, one weight tile.
+template <typename T, bool kGateUp, bool kTensorCores, bool kGated = true>
 __global__ void __launch_bounds__(kGemmThreads)
     moe_grouped_gemm_kernel(GroupedGemmArgs<T, std::conditional_t<kGateUp, T, float>> args) {
-  constexpr int kNumB = kGateUp ? 2 : 1;
+  constexpr int kNumB = kGateUp && kGated ? 2 : 1;
   __shared__ __align__(128) unsigned char smem[grouped_gemm_smem_bytes<T, kNumB>()];
   __shared__ int64_t a_row[kGemmTileM];
 
@@ -257,9 +259,10 @@ __global__ void __launch_bounds__(kGemmThreads)
     const int col = n0 + n;
     if (row < row_end && col < args.N) {
       if constexpr (kGateUp) {
-        const float gate = c_tile[0][m][n];
-        const float up = c_tile[1][m][n];
-        args.out[static_cast<int64_t>(row) * args.N + col] = from_float<T>(apply_activation(gate, args.activation) * up);
+        const float gate = kGated ? c_tile[0][m][n] : 0.0f;
+        const float up = c_tile[kNumB - 1][m][n];
+        args.out[static_cast<int64_t>(row) * args.N + col] =
+            from_float<T>(activate_pair(args.act, args.sorted_pairs[row], col, args.N, gate, up));
       } else {
         args.out[static_cast<int64_t>(row) * args.N + col] = c_tile[0][m][n];
       }

@@ -49,28 +49,29 @@ int64_t host_memory_available() {
 
 int64_t HostStore::reserve(StreamBackend& backend, at::IntArrayRef w13_shape, at::IntArrayRef w2_shape,
                            at::ScalarType dtype) {
-  TORCH_CHECK(w13_shape.size() == 3, "w13 must be 3-D [E, 2I, H], got shape ", w13_shape);
+  TORCH_CHECK(w13_shape.size() == 3, "w13 must be 3-D [E, 2I, H] (or [E, I, H] ungated), got shape ", w13_shape);
   TORCH_CHECK(w2_shape.size() == 3, "w2 must be 3-D [E, H, I], got shape ", w2_shape);
   for (size_t d = 0; d < 3; ++d) {
     TORCH_CHECK(w13_shape[d] > 0, "w13 dims must be positive, got shape ", w13_shape);
     TORCH_CHECK(w2_shape[d] > 0, "w2 dims must be positive, got shape ", w2_shape);
   }
-  TORCH_CHECK(w13_shape[1] % 2 == 0, "w13.size(1) must be 2*I (gate rows then up rows), got odd ",
-              w13_shape[1], " (w13 shape ", w13_shape, ")");
-  const int64_t E = w13_shape[0], I = w13_shape[1] / 2, H = w13_shape[2];
-  TORCH_CHECK(w2_shape[0] == E && w2_shape[1] == H && w2_shape[2] == I, "w2 must be [E, H, I] = [", E, ", ",
-              H, ", ", I, "] to match w13 ", w13_shape, ", got ", w2_shape);
+  const int64_t E = w13_shape[0], H = w13_shape[2], I = w2_shape[2];
+  TORCH_CHECK(w2_shape[0] == E && w2_shape[1] == H, "w2 must be [E, H, I] with [E, H] = [", E, ", ", H,
+              "] to match w13 ", w13_shape, ", got ", w2_shape);
+  TORCH_CHECK(w13_shape[1] == 2 * I || w13_shape[1] == I,
+              "w13.size(1) must be 2*I (gate rows then up rows) or I (ungated: up rows only) with I = w2.size(2) = ",
+              I, ", got ", w13_shape[1], " (w13 shape ", w13_shape, ", w2 shape ", w2_shape, ")");
   TORCH_CHECK(at::isFloatingType(dtype) || at::isIntegralType(dtype, /*includeBool=*/false),
               "layer dtype must be a floating or integer type, got ", dtype);
   const size_t itemsize = c10::elementSize(dtype);
 
-  LayerLayout layout{E, I, H, dtype, checked_bytes("w13", w13_shape, itemsize),
+  LayerLayout layout{E, I, w13_shape[1], H, dtype, checked_bytes("w13", w13_shape, itemsize),
                      checked_bytes("w2", w2_shape, itemsize)};
   TORCH_CHECK(layout.w2_bytes <= SIZE_MAX - layout.w13_bytes, "HostStore: layer of shapes ", w13_shape, " and ",
               w2_shape, " is too large to address");
 
   Entry entry{layout, {backend.allocate_host(layout.w13_bytes), backend.allocate_host(layout.w2_bytes)}, 0, {}};
-  entry.row_written[0].assign(static_cast<size_t>(E * 2 * I), false);
+  entry.row_written[0].assign(static_cast<size_t>(E * w13_shape[1]), false);
   entry.row_written[1].assign(static_cast<size_t>(E * H), false);
   layers_.push_back(std::move(entry));
   host_bytes_ += layout.host_bytes();

@@ -1,5 +1,5 @@
 // HostStore: every streamed layer's expert weights in exact-size host memory (pinned on CUDA),
-// two blocks per layer: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]. Two blocks, not
+// two blocks per layer: w13 [E, 2I, H] (gate rows, then up rows; [E, I, H] for ungated experts) and w2 [E, H, I]. Two blocks, not
 // one, so the two views a uva acquire returns never share a storage (custom ops' outputs must not
 // alias one another).
 #pragma once
@@ -17,14 +17,15 @@ namespace moe_swap::streaming {
 // Shape and packing of one streamed layer.
 struct LayerLayout {
   int64_t num_experts;    // E
-  int64_t intermediate;   // I (w13 has 2I rows)
+  int64_t intermediate;   // I
+  int64_t w13_rows;       // 2I (gate rows, then up rows) or I (ungated: up rows only)
   int64_t hidden;         // H
   at::ScalarType dtype;
-  size_t w13_bytes;       // E*2I*H*itemsize
+  size_t w13_bytes;       // E*w13_rows*H*itemsize
   size_t w2_bytes;        // E*H*I*itemsize
   size_t bytes(int64_t which) const { return which == 0 ? w13_bytes : w2_bytes; }
   size_t host_bytes() const { return w13_bytes + w2_bytes; }
-  std::vector<int64_t> w13_shape() const { return {num_experts, 2 * intermediate, hidden}; }
+  std::vector<int64_t> w13_shape() const { return {num_experts, w13_rows, hidden}; }
   std::vector<int64_t> w2_shape() const { return {num_experts, hidden, intermediate}; }
 };
 

@@ -138,7 +138,7 @@ int64_t Streamer::reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_sh
   const int64_t layer = store_.reserve(*backend_, w13_shape, w2_shape, dtype);
   if (layer == 0) {
     const LayerLayout& l = store_.layout(0);
-    pool_w13_shape_ = {2 * l.intermediate, l.hidden};
+    pool_w13_shape_ = {l.w13_rows, l.hidden};
     pool_w2_shape_ = {l.hidden, l.intermediate};
     pool_dtype_ = l.dtype;
     const int64_t item = static_cast<int64_t>(c10::elementSize(pool_dtype_));
@@ -971,7 +971,8 @@ void streamer_write(int64_t handle, int64_t layer, int64_t which, int64_t expert
 }
 
 int64_t streamer_add_layer(int64_t handle, const at::Tensor& w13, const at::Tensor& w2) {
-  TORCH_CHECK(w13.dim() == 3, "w13 must be 3-D [E, 2I, H], got ", w13.dim(), "-D with shape ", w13.sizes());
+  TORCH_CHECK(w13.dim() == 3, "w13 must be 3-D [E, 2I, H] (or [E, I, H] ungated), got ", w13.dim(), "-D with shape ",
+              w13.sizes());
   TORCH_CHECK(w2.dim() == 3, "w2 must be 3-D [E, H, I], got ", w2.dim(), "-D with shape ", w2.sizes());
   TORCH_CHECK(w13.scalar_type() == w2.scalar_type(), "w13 and w2 must have the same dtype, got ",
               w13.scalar_type(), " and ", w2.scalar_type());
@@ -1018,17 +1019,23 @@ void streamer_release_experts(int64_t handle, int64_t layer, at::TensorList /*af
 
 at::Tensor streamer_moe(int64_t handle, int64_t layer, const at::Tensor& hidden_states, const at::Tensor& topk_weights,
                         const at::Tensor& topk_ids, c10::string_view activation, int64_t next_layer,
-                        const std::optional<at::Tensor>& next_ids) {
+                        const std::optional<at::Tensor>& next_ids, const std::optional<at::Tensor>& w13_bias,
+                        const std::optional<at::Tensor>& w2_bias, bool gated, double swiglu_alpha,
+                        double swiglu_limit) {
   auto streamer = lookup(handle);
   static const auto fused_moe =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("moe_swap::fused_moe", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view)>();
+                            const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double,
+                            double)>();
   auto [w13, w2, expert_map] = streamer->acquire_experts(layer, topk_ids, next_layer, next_ids);
   at::Tensor out;
   try {
-    out = fused_moe.call(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation);
+    // the biases are the caller's, whole and resident: indexed by global id, they never enter the cache
+    out = fused_moe.call(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation, w13_bias, w2_bias,
+                         gated, swiglu_alpha, swiglu_limit);
   } catch (...) {
     streamer->release_experts(layer);
     throw;

@@ -215,7 +215,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streamer_acquire_experts(int64_t 
 void streamer_release_experts(int64_t handle, int64_t layer, at::TensorList after);
 at::Tensor streamer_moe(int64_t handle, int64_t layer, const at::Tensor& hidden_states, const at::Tensor& topk_weights,
                         const at::Tensor& topk_ids, c10::string_view activation, int64_t next_layer,
-                        const std::optional<at::Tensor>& next_ids);
+                        const std::optional<at::Tensor>& next_ids, const std::optional<at::Tensor>& w13_bias,
+                        const std::optional<at::Tensor>& w2_bias, bool gated, double swiglu_alpha,
+                        double swiglu_limit);
 void streamer_predict(int64_t handle, int64_t layer, const at::Tensor& expert_ids);
 // [pool slots, cache capacity slots, occupied slots, expert bytes, copy overhead ns, copy bytes/s] and
 // the (layer, expert) per pool slot [N, 2]; the last two are -1 until policy auto has calibrated
