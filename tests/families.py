@@ -28,7 +28,7 @@ _TINY = {
     "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32, "ffn_hidden_size": 64,
     "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
     "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS, "moe_num_experts": EXPERTS,
-    "num_experts_per_tok": 2, "moe_topk": 2, "moe_k": 2, "top_k": 2,
+    "num_experts_per_tok": 2, "top_k_experts": 2, "moe_topk": 2, "moe_k": 2, "top_k": 2,
     "vocab_size": VOCAB, "max_position_embeddings": 512, "sliding_window": 32,
     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
@@ -52,8 +52,12 @@ class Family:
 
 
 def _interface_forward_code():
-    """The code of the forward that use_experts_implementation installs (the same for every class it decorates)."""
-    from transformers.integrations.moe import use_experts_implementation
+    """The code of the forward that use_experts_implementation installs (the same for every class it decorates);
+    None where transformers has no experts interface (4.x)."""
+    try:
+        from transformers.integrations.moe import use_experts_implementation
+    except ImportError:
+        return None
 
     class _Probe(torch.nn.Module):
         def __init__(self, config):
@@ -71,6 +75,8 @@ def discover() -> list[Family]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     interface_code = _interface_forward_code()
+    if interface_code is None:
+        return []
     root = os.path.join(os.path.dirname(transformers.__file__), "models")
     found = []
     for name in sorted(os.listdir(root)):
@@ -187,8 +193,94 @@ def prompt(seed: int = 0, length: int = 6) -> torch.Tensor:
     return torch.randint(3, VOCAB, (1, length), generator=generator)
 
 
-def greedy(model, input_ids: torch.Tensor, new_tokens: int = 6) -> list[int]:
+def greedy(model, input_ids: torch.Tensor, new_tokens: int = 4) -> list[int]:
     with torch.no_grad():
         out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=0)
     return out[0, input_ids.shape[1]:].tolist()
+
+
+POLICIES = ("full", "on_demand", "auto")
+BF16_PROMPTS = 3
+
+
+@dataclass
+class Result:
+    """What moe_swap does with one family's tiny model (the rows of the README's table)."""
+
+    family: Family
+    status: str  # "same" (every check gave the untouched model's tokens), "differs", "refused", "not built"
+    detail: str = ""  # the refusal, the build error, or which checks differed
+    checks: dict = None  # check name ("offload full", "load auto", ...) -> tokens equal (bool)
+    # bfloat16, offload full, per prompt of BF16_PROMPTS: mean |logits - untouched| / max |untouched|; the median
+    # (checked) and the largest (a prompt whose routing flips at a near-tie shows there)
+    bf16_error: float = float("nan")
+    bf16_max_error: float = float("nan")
+    layout: str = ""  # how its experts store and compute (as moe_swap reads them)
+
+
+def describe_layout(model) -> str:
+    from moe_swap import models
+
+    layouts = {models.read_experts_layout(m, n) for n, m in model.named_modules() if models.is_interface_experts(m)}
+    parts = []
+    for layout in sorted(layouts, key=repr):
+        words = [layout.activation if layout.activation != "swiglu_clamp" else
+                 f"swiglu_clamp(alpha={layout.swiglu_alpha:g}, limit={layout.swiglu_limit:g})"]
+        words += [w for w, on in (("ungated", not layout.gated), ("bias", layout.has_bias),
+                                  ("transposed", layout.transposed),
+                                  ("interleaved", layout.gated and not layout.concatenated)) if on]
+        parts.append(", ".join(words))
+    return "; ".join(parts)
+
+
+def _logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids).logits.float()
+
+
+def check_family(family: Family, workdir: str, policies=POLICIES) -> Result:
+    """Greedy tokens of the family's tiny float32 model through ``offload`` and through ``load`` (from its
+    ``save_pretrained`` checkpoint in ``workdir``) under each policy on the CPU, against the untouched model;
+    bfloat16 logits against the untouched bfloat16 model. A refusal must name the experts module."""
+    import moe_swap
+
+    if family.skip_reason:
+        return Result(family, "not built", family.skip_reason)
+    input_ids = prompt()
+    try:
+        model = build(family)
+        expected = greedy(model, input_ids)
+    except Exception as e:  # noqa: BLE001  (transformers' own failure: listed with the reason)
+        return Result(family, "not built", f"with transformers alone: {type(e).__name__}: {str(e).splitlines()[0]}")
+    checks = {}
+    try:
+        layout = describe_layout(model)
+    except ValueError:
+        layout = ""  # refused below, by offload itself
+    for policy in policies:
+        offloaded = build(family)
+        try:
+            moe_swap.offload(offloaded, device="cpu", policy=policy)
+        except ValueError as e:
+            if ".experts" not in str(e):
+                raise
+            return Result(family, "refused", str(e), layout=layout)
+        checks[f"offload {policy}"] = greedy(offloaded, input_ids) == expected
+        del offloaded
+    model.save_pretrained(workdir)
+    for policy in policies:
+        loaded = moe_swap.load(workdir, device="cpu", policy=policy)
+        checks[f"load {policy}"] = greedy(loaded, input_ids) == expected
+        del loaded
+    untouched = build(family, dtype=torch.bfloat16)
+    offloaded = build(family, dtype=torch.bfloat16)
+    moe_swap.offload(offloaded, device="cpu")
+    errors = []
+    for seed in range(BF16_PROMPTS):
+        ids = prompt(seed)
+        reference = _logits(untouched, ids)
+        errors.append(float((_logits(offloaded, ids) - reference).abs().mean() / reference.abs().max()))
+    differing = [name for name, same in checks.items() if not same]
+    return Result(family, "differs" if differing else "same", ", ".join(differing), checks,
+                  sorted(errors)[len(errors) // 2], max(errors), layout)
