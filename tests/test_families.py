@@ -21,6 +21,17 @@ if not FAMILIES:
                 f"4.x ones are transformers 5.x only)", allow_module_level=True)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is faster than two contending for a busy 2-core machine
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.hf
 @pytest.mark.parametrize("family", FAMILIES, ids=[f"{f.name}-{f.experts_class}" for f in FAMILIES])
 def test_family_gives_the_untouched_models_tokens(family, tmp_path):
