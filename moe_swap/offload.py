@@ -3,9 +3,11 @@
 The routed experts of each MoE layer move into the streamer's HostStore (pinned host memory on
 CUDA) and their original parameters are deleted; everything else goes to the device. Only the
 experts' computation changes:
-- transformers 5.x: the model keeps its own router and block; its fused experts module dispatches
-  through ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``, where moe_swap registers the
-  ``"moe_swap"`` implementation (acquire the layer's slot, ``fused_moe``, release).
+- transformers 5.x: the model keeps its own router, shared experts and block; every experts module that
+  dispatches through ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` (any model_type) gets the
+  ``"moe_swap"`` implementation registered there (acquire the layer's slot, ``fused_moe``, release), with its
+  layout read from the module and converted once (see :func:`moe_swap.models.read_experts_layout`); biases
+  stay on the device, indexed by expert id.
 - transformers 4.x: the sparse block's forward is replaced by router -> ``topk_route`` ->
   ``fused_moe`` (+ the shared expert), with the family's routing rules.
 """
@@ -163,12 +165,16 @@ class _LayerExperts:
     """
 
     def __init__(self, activation: str, streamer=None, index: Optional[int] = None,
-                 w13_name: str = "", w2_name: str = ""):
+                 w13_name: str = "", w2_name: str = "", op_kwargs: Optional[dict] = None, has_bias: bool = False,
+                 forward_args: tuple[str, ...] = ()):
         self.activation = activation
         self.streamer = streamer
         self.index = index
         self.w13_name = w13_name
         self.w2_name = w2_name
+        self.op_kwargs = dict(op_kwargs or {})  # fused_moe's layout arguments (gated, swiglu_alpha, ...)
+        self.has_bias = has_bias  # biases are buffers of the holding module (_BIAS_NAMES), on the device
+        self.forward_args = forward_args  # 5.x: the experts forward's (hidden, ids, weights) parameter names
         # on_demand prediction: the next MoE layer's router weight [E, H] and its streamer index
         self.next_router: Optional[nn.Module] = None
         self.next_index: Optional[int] = None
@@ -178,33 +184,46 @@ class _LayerExperts:
             topk_ids: torch.Tensor) -> torch.Tensor:
         weights = topk_weights.to(torch.float32)
         ids = topk_ids.to(torch.int32)
+        kwargs = self.op_kwargs
+        if self.has_bias:
+            kwargs = dict(kwargs, w13_bias=getattr(holder, _BIAS_NAMES[0]), w2_bias=getattr(holder, _BIAS_NAMES[1]))
         if self.streamer is None:
             return fused_moe(hidden, getattr(holder, self.w13_name), getattr(holder, self.w2_name),
-                             weights, ids, activation=self.activation)
+                             weights, ids, activation=self.activation, **kwargs)
         if self.streamer.policy != "full":
             if self.next_router is None:
-                return self.streamer.moe(self.index, hidden, weights, ids, self.activation)
+                return self.streamer.moe(self.index, hidden, weights, ids, self.activation, **kwargs)
             # the next layer's router on this layer's input: its likely experts copy under this layer's
             # compute (the streamer orders them after this step's own copies)
             logits = F.linear(hidden, self.next_router.weight.to(hidden.dtype))
             guess = torch.topk(logits, self.next_top_k, dim=-1).indices
             return self.streamer.moe(self.index, hidden, weights, ids, self.activation, next_layer=self.next_index,
-                                     next_ids=guess)
+                                     next_ids=guess, **kwargs)
         # `after` orders acquire after the layer's input and release after its output in a compiled graph
         w13, w2 = self.streamer.acquire(self.index, after=[hidden])
-        out = fused_moe(hidden, w13, w2, weights, ids, activation=self.activation)
+        out = fused_moe(hidden, w13, w2, weights, ids, activation=self.activation, **kwargs)
         self.streamer.release(self.index, after=[out])
         return out
 
 
-def moe_swap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                             top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The ``"moe_swap"`` entry of transformers' ``ALL_EXPERTS_FUNCTIONS`` (5.x fused experts)."""
+# buffers of a 5.x experts module after offload: its resident experts and its biases, in fused_moe's layout
+_RESIDENT_NAMES = ("experts_w13", "experts_w2")
+_BIAS_NAMES = ("experts_w13_bias", "experts_w2_bias")
+
+
+def moe_swap_experts_forward(self: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """The ``"moe_swap"`` entry of transformers' ``ALL_EXPERTS_FUNCTIONS`` (5.x experts modules), called with
+    the arguments of the module's own forward: (hidden states, top-k ids, top-k weights), by its names."""
     layer = getattr(self, "_moe_swap_experts", None)
     if layer is None:
         raise RuntimeError(
             f"experts_implementation='{EXPERTS_IMPLEMENTATION}' is set on a {type(self).__name__} that "
             f"moe_swap.offload() has not prepared; call moe_swap.offload(model) instead of setting it")
+    names = layer.forward_args
+    if len(args) + len(kwargs) != 3 or set(kwargs) - set(names[len(args):]):
+        raise TypeError(f"{type(self).__name__}.forward takes ({', '.join(names)}), got {len(args)} positional "
+                        f"and keyword arguments {sorted(kwargs)}")
+    hidden_states, top_k_index, top_k_weights = list(args) + [kwargs[n] for n in names[len(args):]]
     return layer.run(self, hidden_states, top_k_weights, top_k_index)
 
 
@@ -305,7 +324,7 @@ ExpertSource = Callable[[MoELayer], "tuple[torch.Tensor, torch.Tensor]"]
 
 def _offload(
     model: nn.Module,
-    family: Family,
+    family: Optional[Family],
     layers: list[MoELayer],
     expert_source: ExpertSource,
     expert_element_size: int,
@@ -327,7 +346,7 @@ def _offload(
     ``expert_source(layer) -> (w13, w2)`` gives a layer's experts; ``add_streamed(layer, streamer) ->
     index``, when given, fills a streamed layer into the HostStore itself (tensor by tensor)."""
     config = model.config
-    activation = models.expert_activation(config)
+    activation = models.expert_activation(config) if family is not None else ""
     expert_params = {id(p) for layer in layers for p in models.expert_parameters(layer, family)}
     base_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers())
                      if id(t) not in expert_params)
@@ -351,10 +370,17 @@ def _offload(
                                       mode=mode)
 
     streamed = set(plan.streamed)
-    if layers and layers[0].fused:
+    if layers and layers[0].layout is not None:
         _register_experts_implementation()
     states: dict[int, _LayerExperts] = {}
     for position, layer in enumerate(layers):
+        layout = layer.layout
+        layer_kwargs = dict(activation=layout.activation if layout is not None else activation,
+                            op_kwargs=layout.op_kwargs() if layout is not None else None,
+                            has_bias=layout is not None and layout.has_bias,
+                            forward_args=layout.forward_args if layout is not None else ())
+        if layout is not None and layout.has_bias:
+            _convert_biases(layer)
         if position in streamed:
             if add_streamed is not None:
                 index = add_streamed(layer, streamer)
@@ -362,23 +388,18 @@ def _offload(
                 w13, w2 = expert_source(layer)
                 index = streamer.add_layer(w13, w2)
                 del w13, w2
-            state = _LayerExperts(activation, streamer=streamer, index=index)
+            state = _LayerExperts(streamer=streamer, index=index, **layer_kwargs)
             states[position] = state
             models.drop_expert_parameters(layer)
             _install(layer, family, config, state)
             continue
         w13, w2 = expert_source(layer)
-        if layer.fused:
-            models.drop_expert_parameters(layer)
-            experts = layer.block.experts
-            experts.gate_up_proj = nn.Parameter(w13.to(device).contiguous(), requires_grad=False)
-            experts.down_proj = nn.Parameter(w2.to(device).contiguous(), requires_grad=False)
-            state = _LayerExperts(activation, w13_name="gate_up_proj", w2_name="down_proj")
-        else:
-            models.drop_expert_parameters(layer)
-            layer.block.register_buffer("experts_w13", w13.to(device).contiguous(), persistent=False)
-            layer.block.register_buffer("experts_w2", w2.to(device).contiguous(), persistent=False)
-            state = _LayerExperts(activation, w13_name="experts_w13", w2_name="experts_w2")
+        models.drop_expert_parameters(layer)
+        holder = layer.block  # 5.x: the experts module; 4.x: the sparse block
+        holder.register_buffer(_RESIDENT_NAMES[0], w13.to(device).contiguous(), persistent=False)
+        holder.register_buffer(_RESIDENT_NAMES[1], w2.to(device).contiguous(), persistent=False)
+        del w13, w2
+        state = _LayerExperts(w13_name=_RESIDENT_NAMES[0], w2_name=_RESIDENT_NAMES[1], **layer_kwargs)
         _install(layer, family, config, state)
 
     if move_rest:
@@ -394,9 +415,9 @@ def _offload(
         for position, state in states.items():
             following = states.get(position + 1)  # the next MoE layer, when it streams too
             if following is not None:
-                state.next_router = models.router_module(layers[position + 1], family)
+                state.next_router = models.router_module(layers[position + 1], family, model)
                 state.next_index = following.index
-                state.next_top_k = family.routing(config).top_k
+                state.next_top_k = models.routed_top_k(layers[position + 1], config, family, model)
     model._moe_swap_streamer = streamer  # keeps the HostStore and ring alive as long as the model
 
     device_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
@@ -434,10 +455,25 @@ def _offload(
     return report
 
 
-def _install(layer: MoELayer, family: Family, config, state: _LayerExperts) -> None:
+def _convert_biases(layer: MoELayer) -> None:
+    """A 5.x experts module's biases -> buffers in fused_moe's layout (gate entries then up entries), which
+    stay with the module (on the device) whether its experts stream or not."""
+    experts, layout = layer.block, layer.layout
+    w13_bias, w2_bias = (getattr(experts, name) for name in layout.bias_names)
+    if w13_bias.is_meta or w2_bias.is_meta:
+        raise ValueError(f"{layer.experts_name}: its biases {layout.bias_names} have no data (meta)")
+    w13_bias = models.bias_to_fused_layout(layout, w13_bias.detach())
+    w2_bias = w2_bias.detach().contiguous()
+    for name in layout.bias_names:
+        delattr(experts, name)
+    experts.register_buffer(_BIAS_NAMES[0], w13_bias, persistent=False)
+    experts.register_buffer(_BIAS_NAMES[1], w2_bias, persistent=False)
+
+
+def _install(layer: MoELayer, family: Optional[Family], config, state: _LayerExperts) -> None:
     """Point the layer's experts computation at moe_swap."""
-    if layer.fused:
-        experts = layer.block.experts
+    if layer.layout is not None:
+        experts = layer.block
         experts._moe_swap_experts = state
         # a per-module copy of the config selects the implementation for this module only, so the
         # user's config (possibly shared with other models) keeps its own choice
@@ -465,8 +501,10 @@ def offload(
     """Stream a Hugging Face MoE model's experts from host memory; returns a report.
 
     Args:
-        model: a causal LM of a supported family (``moe_swap.models.SUPPORTED_MODEL_TYPES``), with
-            its weights on the CPU (or any device), in any float dtype.
+        model: a causal LM whose experts go through transformers' experts interface (transformers 5.x, any
+            family; layouts moe_swap cannot compute exactly raise, naming the module and the attribute), or
+            of a 4.x family in ``moe_swap.models.SUPPORTED_MODEL_TYPES``; its weights on the CPU (or any
+            device), in any float dtype.
         device: where the model runs: ``"cuda"``/``"cuda:N"`` (experts in pinned host memory), or
             ``"cpu"`` (the streamer's CPU backend).
         gpu_budget: bytes for weights on the device (int, or a string such as ``"20GiB"``): the planner
@@ -503,8 +541,7 @@ def offload(
     _check_policy_and_mode(policy, mode, eviction, ids_path, copy_cost)
     _check_schedule(slots, prefetch_depth)
     dev = _check_device(device)
-    family = models.family_for_config(model.config)
-    layers = models.find_moe_layers(model, family)
+    family, layers = models.model_experts(model)
     if any(p.is_meta for layer in layers for p in models.expert_parameters(layer, family)):
         raise ValueError("the model's experts are on the meta device (no data); build it with real "
                          "weights, or use moe_swap.load(path) for a checkpoint folder")

@@ -116,12 +116,12 @@ def test_fused_expert_names_are_read_too(tmp_path):
     assert torch.equal(greedy(loaded, ids), expected)
 
 
-def test_unsupported_architecture_lists_supported(tmp_path):
+def test_unsupported_architecture_says_what_is_supported(tmp_path):
     os.makedirs(tmp_path, exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
                                                       "hidden_size": 64, "num_attention_heads": 4}))
     save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="llama.*supported model types: mixtral"):
+    with pytest.raises(ValueError, match="llama.*experts interface.*model types are mixtral"):
         moe_swap.load(str(tmp_path), device="cpu")
 
 
