@@ -216,7 +216,9 @@ def test_a_guess_given_with_the_step_copies_after_the_steps_own_experts():
     layers = random_layers(2, 8)
     ids, guess = torch.tensor([[1, 4]], dtype=torch.int32), torch.tensor([[2, 5, 7]])
     for combined in (True, False):
-        with on_demand(layers, cache_experts=8, trace=True, test_copy_delay_us=2000) as s:
+        # 10 ms per copy: the guess's three copies outlast a descheduled compute thread on a loaded machine
+        # (with 2 ms the wait's end was once seen 4.6 ms after them, under load 6 on 2 cores)
+        with on_demand(layers, cache_experts=8, trace=True, test_copy_delay_us=10000) as s:
             x, weights = torch.randn(1, 16), torch.rand(1, 2)
             s.moe(0, x, weights, torch.tensor([[0, 3]], dtype=torch.int32))  # allocates the pool
             s.synchronize()
