@@ -148,10 +148,13 @@ def fused_moe(
         swiglu_alpha, swiglu_limit: the parameters of ``"swiglu_clamp"`` (finite; ``limit > 0``;
             checked whatever the activation).
 
-    Inputs may be non-contiguous (they are made contiguous). Accumulation is in float32 and the
-    biases are added to the float32 accumulators (eager bf16 code rounds the projection and the
-    sum to bf16 first: one rounding more); the activated intermediate is rounded to the input dtype
-    before the down projection, the output once at the end. An id out of range raises on CPU; on
+    Inputs may be non-contiguous (they are made contiguous). Rounding, for every activation: the
+    projections accumulate in float32, the biases are added to those float32 sums, the activation
+    (and the clamps of ``swiglu_clamp``) runs in float32, and the activated intermediate is rounded
+    to the input dtype once, before the down projection; the w2 bias joins the float32 down sum and
+    the output is rounded once at the end. Eager transformers in bf16 (gpt-oss, nemotron_h) rounds
+    after every op instead (projection, bias sum, sigmoid, each product); in float32 the two agree
+    to float32 accuracy, in bf16 to about one bf16 ulp of the output (tests/test_hf_parity.py). An id out of range raises on CPU; on
     CUDA such a pair is skipped (never read out of bounds), and with ``set_debug(True)`` it raises
     instead.
     """
