@@ -216,6 +216,9 @@ void run_large_experts(const ExpertWork& work, const std::vector<int64_t>& exper
   if (experts.empty()) return;
   const int64_t I = work.s.intermediate_size, rows13 = work.s.w13_rows;
   const bool gated = work.s.gated;
+  // Widened to float32 rather than torch's bf16/f16 matmul: that one rounds gate/up to the dtype (the
+  // contract rounds only the activated intermediate; CPU mm has no float32 output for bf16 inputs), and
+  // without native bf16/f16 dot products it measured 5-300x slower than SGEMM (BENCHMARKS.md, Zen 3).
   const bool widen = w13.scalar_type() != at::kFloat;
   at::Tensor w13_wide, w2_wide;
   if (widen) {
