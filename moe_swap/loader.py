@@ -330,7 +330,9 @@ def load(
 
     Args:
         path: a folder with ``config.json`` and ``*.safetensors`` (one file or shards with
-            ``model.safetensors.index.json``), in Hugging Face's per-expert or fused expert naming.
+            ``model.safetensors.index.json``). transformers 5.x: named as transformers loads the family (its
+            own conversion mapping: per-expert names merged, renamed keys), for any experts-interface
+            family; 4.x: the six families' per-expert or fused expert names.
         dtype: the model's dtype (``torch.bfloat16`` or ``"bfloat16"``); default (None or ``"auto"``): the
             checkpoint's (``config.dtype``).
         the rest: as for :func:`moe_swap.offload`.
