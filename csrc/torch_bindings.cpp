@@ -18,7 +18,8 @@ TORCH_LIBRARY(moe_swap, m) {
   // e = expert_map[g] when a map is given (-1: not held here, contributes nothing), else e = g;
   // gated: h = act(w13[e,:I] @ x_t + b13[g,:I]) * (w13[e,I:] @ x_t + b13[g,I:]) with w13 [E, 2I, H];
   // gated=False: h = act(w13[e] @ x_t + b13[g]) with w13 [E, I, H]. Activations: silu, gelu,
-  // gelu_tanh, relu2, swiglu_clamp (gpt-oss: gated only, uses swiglu_alpha/limit). The biases
+  // gelu_tanh, relu2, swiglu_clamp (gpt-oss: gated only, uses swiglu_alpha/limit), silu_clamp
+  // (DeepSeek-V4: gated only, silu(min(gate, limit)) * clamp(up, -limit, limit)). The biases
   // w13_bias [E_global, 2I or I] and w2_bias [E_global, H] are indexed by the global id g, so a
   // cache holding only some experts' weights keeps every expert's biases whole and resident.
   m.def(

@@ -154,6 +154,8 @@ class ExpertsLayout:
             kwargs["gated"] = False
         if self.activation == "swiglu_clamp":
             kwargs.update(swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit)
+        if self.activation == "silu_clamp":
+            kwargs.update(swiglu_limit=self.swiglu_limit)
         return kwargs
 
 
@@ -170,6 +172,10 @@ def _swiglu_clamp(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: flo
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+def _silu_clamp(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    return _ACTIVATION_FUNCTIONS["silu"](gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
 
 
 def _probe_input(*shape: int) -> torch.Tensor:
@@ -232,15 +238,18 @@ def read_experts_layout(module: nn.Module, name: str) -> ExpertsLayout:
             pass
         else:
             numbers = _float_attributes(module)
-            found = [(a, lim) for a_name, a in numbers.items() for l_name, lim in numbers.items()
+            found = [("swiglu_clamp", a, lim) for a_name, a in numbers.items() for l_name, lim in numbers.items()
                      if a_name != l_name and _same(out, _swiglu_clamp(gate, up, a, lim))]
+            found += [("silu_clamp", 1.702, lim) for lim in numbers.values()
+                      if lim > 0 and _same(out, _silu_clamp(gate, up, lim))]
             if not found:
                 raise ValueError(
                     f"{where}: its _apply_gate ({type(module)._apply_gate.__qualname__}) computes a gate moe_swap does "
                     f"not know: neither act(gate) * up with its act_fn ({act_fn!r}, recognised as {activation}) "
-                    f"nor the clamped SwiGLU (up + 1) * g * sigmoid(alpha * g) of any of its attributes "
+                    f"nor the clamped SwiGLU (up + 1) * g * sigmoid(alpha * g) nor silu(g) * clamp(up) with "
+                    f"g = min(gate, limit) for any of its attributes "
                     f"{sorted(numbers)} (is_concatenated={concatenated})")
-            activation, (alpha, limit) = "swiglu_clamp", found[0]
+            activation, alpha, limit = found[0]
     forward = getattr(type(module).forward, "__wrapped__", type(module).forward)
     params = [p for p in inspect.signature(forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]

@@ -101,7 +101,7 @@ def _topk_route_fake(router_logits, top_k, scoring="softmax", renormalize=False,
             router_logits.new_empty((t, top_k), dtype=torch.int32))
 
 
-FUSED_MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp")
+FUSED_MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp", "silu_clamp")
 
 
 def fused_moe(
@@ -136,7 +136,8 @@ def fused_moe(
             the expert is not held here (that pair contributes nothing).
         activation: ``"silu"``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"relu2"`` (``relu(x)²``) or
             ``"swiglu_clamp"`` (gpt-oss, gated only): ``g = min(gate, limit)``,
-            ``u = clamp(up, -limit, limit)``, ``h = (u + 1) · g · sigmoid(alpha · g)``.
+            ``u = clamp(up, -limit, limit)``, ``h = (u + 1) · g · sigmoid(alpha · g)``; or
+            ``"silu_clamp"`` (DeepSeek-V4, HY-V4, gated only): the same clamps, ``h = silu(g) · u``.
         w13_bias: optional ``[E_global, 2I]`` (gated: gate part then up part) or ``[E_global, I]``.
         w2_bias: optional ``[E_global, H]``, added to each expert's down projection before the
             routing weight multiplies it.
@@ -145,7 +146,7 @@ def fused_moe(
             ``E``: they are tiny, so a cache that holds only some experts' weights keeps every
             expert's biases whole and resident (the bytes streamed per expert do not grow).
         gated: whether ``w13`` holds gate rows (see ``w13``).
-        swiglu_alpha, swiglu_limit: the parameters of ``"swiglu_clamp"`` (finite; ``limit > 0``;
+        swiglu_alpha, swiglu_limit: the parameters of ``"swiglu_clamp"`` (``"silu_clamp"`` uses the limit) (finite; ``limit > 0``;
             checked whatever the activation).
 
     Inputs may be non-contiguous (they are made contiguous). Rounding, for every activation: the
@@ -170,10 +171,10 @@ def check_fused_moe_layout(w13, w2, expert_map, activation, w13_bias, w2_bias, g
     """The checks of fused_moe's activation, gating, bias and swiglu arguments, with the kernels'
     messages (moe_checks.h): the fake kernel runs them, so a traced or meta call raises as a real one."""
     if activation not in FUSED_MOE_ACTIVATIONS:
-        raise ValueError("activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2' or 'swiglu_clamp', "
+        raise ValueError("activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2', 'swiglu_clamp' or 'silu_clamp', "
                          f"got '{activation}'")
-    if not gated and activation == "swiglu_clamp":
-        raise ValueError("activation 'swiglu_clamp' needs gate rows: it requires gated=True, got gated=False")
+    if not gated and activation in ("swiglu_clamp", "silu_clamp"):
+        raise ValueError(f"activation '{activation}' needs gate rows: it requires gated=True, got gated=False")
     if not math.isfinite(swiglu_alpha):
         raise ValueError(f"swiglu_alpha must be finite, got {swiglu_alpha}")
     if not (math.isfinite(swiglu_limit) and swiglu_limit > 0):

@@ -93,7 +93,8 @@ def activation_fn(name: str):
         return lambda x: F.gelu(x, approximate="tanh")
     if name == "relu2":
         return lambda x: torch.square(torch.relu(x))
-    raise ValueError(f"activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2' or 'swiglu_clamp', got {name!r}")
+    raise ValueError(f"activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2', 'swiglu_clamp' or 'silu_clamp', "
+                     f"got {name!r}")
 
 
 def swiglu_clamp(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
@@ -101,6 +102,13 @@ def swiglu_clamp(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor
     gate = gate.clamp(min=None, max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def silu_clamp(gate: Tensor, up: Tensor, limit: float) -> Tensor:
+    """DeepSeek-V4's and HY-V4's clamped SiLU gate, as their experts' _apply_gate writes it."""
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
 
 
 def fused_moe(
@@ -123,9 +131,9 @@ def fused_moe(
     float32; the activated intermediate is rounded to the input dtype before the down projection,
     as a model running in that dtype does.
     """
-    if activation == "swiglu_clamp" and not gated:
-        raise ValueError("activation 'swiglu_clamp' requires gated=True")
-    act = None if activation == "swiglu_clamp" else activation_fn(activation)
+    if activation in ("swiglu_clamp", "silu_clamp") and not gated:
+        raise ValueError(f"activation {activation!r} requires gated=True")
+    act = None if activation in ("swiglu_clamp", "silu_clamp") else activation_fn(activation)
     dtype = hidden_states.dtype
     num_tokens, hidden = hidden_states.shape
     inter = w2.shape[2]
@@ -144,7 +152,9 @@ def fused_moe(
                 projected = projected + w13_bias[g].float()
             if gated:
                 gate, up = projected[:inter], projected[inter:]
-                if act is None:
+                if activation == "silu_clamp":
+                    h = silu_clamp(gate, up, swiglu_limit)
+                elif act is None:
                     h = swiglu_clamp(gate, up, swiglu_alpha, swiglu_limit)
                 else:
                     h = act(gate) * up

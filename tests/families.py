@@ -225,8 +225,9 @@ def describe_layout(model) -> str:
     layouts = {models.read_experts_layout(m, n) for n, m in model.named_modules() if models.is_interface_experts(m)}
     parts = []
     for layout in sorted(layouts, key=repr):
-        words = [layout.activation if layout.activation != "swiglu_clamp" else
-                 f"swiglu_clamp(alpha={layout.swiglu_alpha:g}, limit={layout.swiglu_limit:g})"]
+        words = [f"swiglu_clamp(alpha={layout.swiglu_alpha:g}, limit={layout.swiglu_limit:g})"
+                 if layout.activation == "swiglu_clamp" else
+                 f"silu_clamp(limit={layout.swiglu_limit:g})" if layout.activation == "silu_clamp" else layout.activation]
         words += [w for w, on in (("ungated", not layout.gated), ("bias", layout.has_bias),
                                   ("transposed", layout.transposed),
                                   ("interleaved", layout.gated and not layout.concatenated)) if on]

@@ -454,7 +454,7 @@ def _fused_moe_property():
         for name, cols in (("w13_bias", w13.shape[1]), ("w2_bias", H)):  # biases by global id, any layout
             a[name] = (torch.randn(num_global, cols, generator=g) / 2).to(dtype) if data.draw(st.booleans()) else None
         args = {name: None if t is None else _layout(data.draw, t) for name, t in a.items()}
-        activation = data.draw(st.sampled_from(["silu", "gelu", "gelu_tanh", "relu2"] + (["swiglu_clamp"] if gated else [])))
+        activation = data.draw(st.sampled_from(["silu", "gelu", "gelu_tanh", "relu2"] + (["swiglu_clamp", "silu_clamp"] if gated else [])))
         options = dict(activation=activation, gated=gated, swiglu_limit=data.draw(st.sampled_from([0.3, 7.0])))
         out = moe_swap.fused_moe(**args, **options)
         expected = reference.fused_moe(**a, **options)

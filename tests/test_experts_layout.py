@@ -30,11 +30,20 @@ def test_unknown_activation_is_refused_naming_module_and_act_fn():
 def test_unknown_gate_override_is_refused():
     model = families.build(FAMILIES["qwen3_moe"])
     name, experts = _experts(model)
-    # a clamped SiLU gate without gpt-oss's (up + 1) (as deepseek_v4): close to a known one, not equal
-    experts._apply_gate = lambda gate_up: torch.nn.functional.silu(gate_up.chunk(2, -1)[0].clamp(max=7)) * \
-        gate_up.chunk(2, -1)[1].clamp(-7, 7)
+    # deepseek_v4's clamped SiLU gate, but with a limit that is no attribute of the module: moe_swap cannot know it
+    experts._apply_gate = lambda gate_up: torch.nn.functional.silu(gate_up.chunk(2, -1)[0].clamp(max=6.5)) * \
+        gate_up.chunk(2, -1)[1].clamp(-6.5, 6.5)
     with pytest.raises(ValueError, match=rf"{name}.*_apply_gate"):
         moe_swap.offload(model, device="cpu")
+
+
+@pytest.mark.parametrize("family, limit_attribute", [("deepseek_v4", "limit"), ("hy_v4", "swiglu_limit")])
+def test_clamped_silu_gate_is_read_with_the_modules_limit(family, limit_attribute):
+    if family not in FAMILIES:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    _, experts = _experts(families.build(FAMILIES[family]))
+    layout = models.read_experts_layout(experts, "experts")
+    assert (layout.activation, layout.swiglu_limit) == ("silu_clamp", getattr(experts, limit_attribute))
 
 
 def test_gate_written_differently_but_equal_is_taken():

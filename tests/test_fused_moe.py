@@ -15,9 +15,10 @@ from conftest import DEVICES, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ACTIVATIONS = ["silu", "gelu", "gelu_tanh"]
-# Every activation fused_moe has, and the (activation, gated) pairs it accepts (swiglu_clamp is gated only).
-ALL_ACTIVATIONS = ["silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp"]
-ACTIVATION_GATING = [(a, g) for a in ALL_ACTIVATIONS for g in (True, False) if g or a != "swiglu_clamp"]
+# Every activation fused_moe has, and the (activation, gated) pairs it accepts (the clamped ones are gated only).
+ALL_ACTIVATIONS = list(moe_swap.ops.FUSED_MOE_ACTIVATIONS)
+GATED_ONLY = ("swiglu_clamp", "silu_clamp")
+ACTIVATION_GATING = [(a, g) for a in ALL_ACTIVATIONS for g in (True, False) if g or a not in GATED_ONLY]
 # (H, I), including sizes that are not multiples of 8 (and not of the 16-lane vector width).
 SHAPES = [(16, 24), (72, 40), (100, 52)]
 EXPERTS_AND_TOPK = [(e, k) for e in (1, 8, 64) for k in (1, 2, 6, 8) if k <= e]
@@ -122,7 +123,7 @@ def test_activations_gating_biases_against_reference(device, t, hidden, inter, d
     options = dict(gated=gated)
     if bias:
         options["w13_bias"], options["w2_bias"] = make_biases(args[1], args[2], args[5], device)
-    if activation == "swiglu_clamp":
+    if activation in GATED_ONLY:
         # gpt-oss's constants, with a limit the random gate/up values cross
         options.update(swiglu_alpha=1.702, swiglu_limit=0.9)
     assert_matches_reference(args, activation, **options)
@@ -350,8 +351,8 @@ _MIXED_EXPERTS_SCRIPT = """
             ref = reference.fused_moe(x, w13, w2, w, ids, activation=act)
             torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
-        for act, gated in [(a, g) for a in ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp")
-                           for g in (True, False) if g or a != "swiglu_clamp"]:
+        for act, gated in [(a, g) for a in moe_swap.ops.FUSED_MOE_ACTIVATIONS for g in (True, False)
+                           if g or a not in ("swiglu_clamp", "silu_clamp")]:
             for t in (1, 7, 150):
                 h, i, e, k, e_global = 37, 29, 6, 2, 9
                 x = torch.randn(t, h).to(dtype)
@@ -396,8 +397,8 @@ _EVERY_TILE_SCRIPT = """
              (7, 8, 16, 2, 1), (13, 130, 41, 4, 4), (40, 1030, 29, 8, 3), (200, 72, 40, 2, 2)]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for n, (t, h, i, e, k) in enumerate(cases):
-            act = ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp")[n % 5]
-            gated = act == "swiglu_clamp" or n % 2 == 0  # odd cases: ungated experts (w13 holds up only)
+            act = moe_swap.ops.FUSED_MOE_ACTIVATIONS[n % len(moe_swap.ops.FUSED_MOE_ACTIVATIONS)]
+            gated = act in ("swiglu_clamp", "silu_clamp") or n % 2 == 0  # odd cases: ungated (w13 holds up only)
             x = torch.randn(t, h).to(dtype)
             w13 = (torch.randn(e, (2 if gated else 1) * i, h) / h ** 0.5).to(dtype)
             w2 = (torch.randn(e, h, i) / i ** 0.5).to(dtype)
@@ -510,6 +511,8 @@ BAD_OPTIONS = [
     # (name, options, message): errors in the values of the non-tensor options are ValueErrors
     ("swiglu_ungated", dict(activation="swiglu_clamp", gated=False),
      r"activation 'swiglu_clamp' needs gate rows: it requires gated=True, got gated=False"),
+    ("silu_clamp_ungated", dict(activation="silu_clamp", gated=False),
+     r"activation 'silu_clamp' needs gate rows: it requires gated=True, got gated=False"),
     ("alpha_nan", dict(activation="swiglu_clamp", swiglu_alpha=float("nan")), "swiglu_alpha must be finite, got nan"),
     ("alpha_inf", dict(swiglu_alpha=float("inf")), "swiglu_alpha must be finite, got inf"),
     ("limit_zero", dict(activation="swiglu_clamp", swiglu_limit=0.0), r"swiglu_limit must be finite and > 0, got 0"),
@@ -517,7 +520,7 @@ BAD_OPTIONS = [
     ("limit_inf", dict(activation="swiglu_clamp", swiglu_limit=float("inf")),
      "swiglu_limit must be finite and > 0, got inf"),
     ("relu_is_not_relu2", dict(activation="relu"),
-     "activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2' or 'swiglu_clamp', got 'relu'"),
+     "activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2', 'swiglu_clamp' or 'silu_clamp', got 'relu'"),
 ]
 
 
@@ -565,7 +568,7 @@ def test_an_empty_expert_map_maps_no_id():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_activation_is_a_value_error(device):
-    with pytest.raises(ValueError, match="activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2' or 'swiglu_clamp', "
+    with pytest.raises(ValueError, match="activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2', 'swiglu_clamp' or 'silu_clamp', "
                                          "got 'relu'"):
         moe_swap.fused_moe(**_good(device), activation="relu")
 

@@ -257,8 +257,8 @@ OPTION_SHAPES = [
     (200, 128, 96, 8, 2),  # grouped GEMM; bf16: the vendor path (H, I multiples of 8)
     (333, 100, 36, 8, 2),  # grouped GEMM, partial tiles, never the vendor path (H % 8 != 0)
 ]
-OPTION_ACTIVATIONS = [(a, g) for a in ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_clamp") for g in (True, False)
-                      if g or a != "swiglu_clamp"]
+OPTION_ACTIVATIONS = [(a, g) for a in ops.FUSED_MOE_ACTIVATIONS for g in (True, False)
+                      if g or a not in ("swiglu_clamp", "silu_clamp")]
 
 
 def make_options(w13, w2, num_global, dtype, bias):

@@ -208,6 +208,10 @@ void act_and_mul_typed(const float* gate, const float* up, const float* gate_bia
         const __m512 gc = _mm512_min_ps(limit, g);
         const __m512 uc = _mm512_max_ps(neg_limit, _mm512_min_ps(limit, u));
         h = _mm512_mul_ps(_mm512_add_ps(uc, _mm512_set1_ps(1.0f)), x_times_sigmoid(gc, _mm512_mul_ps(alpha, gc)));
+      } else if constexpr (kActivation == 5) {  // silu_clamp: the same clamps, silu(g) * u
+        const __m512 gc = _mm512_min_ps(limit, g);
+        const __m512 uc = _mm512_max_ps(neg_limit, _mm512_min_ps(limit, u));
+        h = _mm512_mul_ps(x_times_sigmoid(gc, gc), uc);
       } else {
         h = _mm512_mul_ps(activate_ps<kActivation>(g), u);
       }
@@ -235,8 +239,8 @@ template <int kActivation>
 void act_and_mul_gated(const float* gate, const float* up, const float* gate_bias, const float* up_bias, float* out,
                        int64_t n, const ActParams& act, WeightType round_to) {
   if (gate != nullptr) return act_and_mul_round<kActivation, true>(gate, up, gate_bias, up_bias, out, n, act, round_to);
-  // swiglu_clamp is gated only (checked before the kernels run); its ungated build is never used
-  if constexpr (kActivation != 4) act_and_mul_round<kActivation, false>(gate, up, gate_bias, up_bias, out, n, act, round_to);
+  // swiglu_clamp and silu_clamp are gated only (checked before the kernels run); no ungated build of them
+  if constexpr (kActivation != 4 && kActivation != 5) act_and_mul_round<kActivation, false>(gate, up, gate_bias, up_bias, out, n, act, round_to);
 }
 
 }  // namespace
@@ -255,7 +259,8 @@ void act_and_mul_avx512(const float* gate, const float* up, const float* gate_bi
     case 1: return act_and_mul_gated<1>(gate, up, gate_bias, up_bias, out, n, act, round_to);
     case 2: return act_and_mul_gated<2>(gate, up, gate_bias, up_bias, out, n, act, round_to);
     case 3: return act_and_mul_gated<3>(gate, up, gate_bias, up_bias, out, n, act, round_to);
-    default: return act_and_mul_gated<4>(gate, up, gate_bias, up_bias, out, n, act, round_to);
+    case 4: return act_and_mul_gated<4>(gate, up, gate_bias, up_bias, out, n, act, round_to);
+    default: return act_and_mul_gated<5>(gate, up, gate_bias, up_bias, out, n, act, round_to);
   }
 }
 

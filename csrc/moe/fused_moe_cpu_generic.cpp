@@ -68,7 +68,7 @@ void rows_times_tokens_generic(const float* x, int64_t num_tokens, int64_t ld_x,
 }
 
 namespace {
-// act(x) of the gated (times up) and ungated activations; swiglu_clamp is handled by the caller.
+// act(x) of the gated (times up) and ungated activations; swiglu_clamp and silu_clamp are handled by the caller.
 inline float activate(float x, int activation) {
   switch (activation) {
     case 0: return x / (1.0f + std::exp(-x));
@@ -100,6 +100,10 @@ void act_and_mul_generic(const float* gate, const float* up, const float* gate_b
         const float gc = std::min(g, limit);
         const float uc = std::max(std::min(u, limit), -limit);
         h = (uc + 1.0f) * (gc / (1.0f + std::exp(-act.swiglu_alpha * gc)));
+      } else if (act.activation == 5) {  // silu_clamp: the same clamps, silu(g) * u
+        const float gc = std::min(g, limit);
+        const float uc = std::max(std::min(u, limit), -limit);
+        h = activate(gc, 0) * uc;
       } else {
         h = activate(g, act.activation) * u;
       }

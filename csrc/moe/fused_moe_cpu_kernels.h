@@ -36,7 +36,8 @@ using RowsTimesTokensFn = void (*)(const float* x, int64_t num_tokens, int64_t l
                                    float* out, int64_t ld_out);
 
 // The activation of one expert's intermediate row (see MoeActivation in moe_checks.h): activation
-// 0 silu, 1 gelu, 2 gelu_tanh, 3 relu2, 4 swiglu_clamp (gpt-oss, gated only, uses alpha and limit).
+// 0 silu, 1 gelu, 2 gelu_tanh, 3 relu2, 4 swiglu_clamp (gpt-oss, gated only, uses alpha and limit),
+// 5 silu_clamp (DeepSeek-V4, gated only, uses limit).
 struct ActParams {
   int activation;
   float swiglu_alpha;
@@ -44,7 +45,8 @@ struct ActParams {
 };
 
 // Gated (gate != nullptr): out[i] = round(act(gate[i] + gate_bias[i]) * (up[i] + up_bias[i]));
-// swiglu_clamp: round((clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')), g' = min(g, limit).
+// swiglu_clamp: round((clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')), g' = min(g, limit);
+// silu_clamp: round(silu(g') * clamp(u, -limit, limit)).
 // Ungated (gate == nullptr): out[i] = round(act(up[i] + up_bias[i])). A null bias is zero. The bias
 // is added to the float32 accumulator; round is to `round_to` (the input dtype: float32 keeps the value).
 using ActAndMulFn = void (*)(const float* gate, const float* up, const float* gate_bias, const float* up_bias,

@@ -16,7 +16,8 @@ namespace moe_swap {
 // The activation of an expert: applied to the gate rows before multiplying by the up rows (gated),
 // or to the up rows alone (ungated). kSwigluClamp is gpt-oss's clamped SwiGLU, gated only:
 // g = min(gate, limit), u = clamp(up, -limit, limit), h = (u + 1) * g * sigmoid(alpha * g).
-enum class MoeActivation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu2 = 3, kSwigluClamp = 4 };
+// kSiluClamp (DeepSeek-V4, HY-V4), gated only: the same clamps, h = silu(g) * u.
+enum class MoeActivation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu2 = 3, kSwigluClamp = 4, kSiluClamp = 5 };
 
 // Sizes of one fused_moe call, as validated by check_fused_moe_args.
 struct FusedMoeSizes {
@@ -32,7 +33,7 @@ struct FusedMoeSizes {
   bool has_w13_bias;          // w13_bias [E_global, w13_rows], indexed by global expert id
   bool has_w2_bias;           // w2_bias [E_global, H], indexed by global expert id
   float swiglu_alpha;         // kSwigluClamp only
-  float swiglu_limit;         // kSwigluClamp only
+  float swiglu_limit;         // kSwigluClamp and kSiluClamp only
 };
 
 inline MoeActivation parse_moe_activation(c10::string_view activation) {
@@ -41,7 +42,8 @@ inline MoeActivation parse_moe_activation(c10::string_view activation) {
   if (activation == "gelu_tanh") return MoeActivation::kGeluTanh;
   if (activation == "relu2") return MoeActivation::kRelu2;
   if (activation == "swiglu_clamp") return MoeActivation::kSwigluClamp;
-  TORCH_CHECK_VALUE(false, "activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2' or 'swiglu_clamp', got '",
+  if (activation == "silu_clamp") return MoeActivation::kSiluClamp;
+  TORCH_CHECK_VALUE(false, "activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2', 'swiglu_clamp' or 'silu_clamp', got '",
                     std::string(activation), "'");
 }
 
@@ -140,6 +142,8 @@ inline FusedMoeSizes check_fused_moe_args(const at::Tensor& hidden_states, const
   const MoeActivation act = parse_moe_activation(activation);
   TORCH_CHECK_VALUE(gated || act != MoeActivation::kSwigluClamp,
                     "activation 'swiglu_clamp' needs gate rows: it requires gated=True, got gated=False");
+  TORCH_CHECK_VALUE(gated || act != MoeActivation::kSiluClamp,
+                    "activation 'silu_clamp' needs gate rows: it requires gated=True, got gated=False");
   TORCH_CHECK_VALUE(std::isfinite(swiglu_alpha), "swiglu_alpha must be finite, got ", swiglu_alpha);
   TORCH_CHECK_VALUE(std::isfinite(swiglu_limit) && swiglu_limit > 0, "swiglu_limit must be finite and > 0, got ",
                     swiglu_limit);

@@ -71,6 +71,11 @@ __device__ __forceinline__ float activate_pair(const MoeActArgs<T>& a, int pair,
     const float u = up > a.swiglu_limit ? a.swiglu_limit : (up < -a.swiglu_limit ? -a.swiglu_limit : up);
     return (u + 1.0f) * (g / (1.0f + expf(-a.swiglu_alpha * g)));
   }
+  if (a.activation == static_cast<int>(MoeActivation::kSiluClamp)) {  // DeepSeek-V4: the same clamps, silu(g) * u
+    const float g = gate > a.swiglu_limit ? a.swiglu_limit : gate;
+    const float u = up > a.swiglu_limit ? a.swiglu_limit : (up < -a.swiglu_limit ? -a.swiglu_limit : up);
+    return (g / (1.0f + expf(-g))) * u;
+  }
   return apply_activation(gate, a.activation) * up;
 }
 
