@@ -79,11 +79,14 @@ rm -f "$REPORTS"/*
 
 # Deselected: the three tests that measure the process's RSS growth, which ASan's allocator changes
 # (freed memory is held in a 256 MiB quarantine, every block gets redzones), and the check that a
-# CUDA build of torch with nvcc present got CUDA kernels (this build is CPU-only on purpose).
+# CUDA build of torch with nvcc present got CUDA kernels (this build is CPU-only on purpose). Left out:
+# test_families.py, ~50 tiny models' Python around the same fused_moe/streamer calls the rest of the suite
+# makes directly (it would add minutes of CI time, no C++ path of its own).
 DESELECT=(--deselect tests/test_streamer.py::test_200_create_destroy_cycles_leave_memory_where_it_started
           --deselect tests/test_offload_load.py::test_load_peak_host_memory_stays_near_the_host_store
           --deselect tests/test_bad_input.py::test_no_leak_over_repeated_streamers_and_failing_calls
-          --deselect tests/test_registration.py::test_cuda_kernel_registered)
+          --deselect tests/test_registration.py::test_cuda_kernel_registered
+          --ignore tests/test_families.py)
 
 echo "== pytest (log: $LOG)"
 set +e
