@@ -33,12 +33,10 @@ using cpu::WeightType;
 
 // Experts with at most this many tokens take the tiled path: the kernel build's measured limit (see
 // fused_moe_cpu_dispatch.cpp); MOE_SWAP_CPU_SMALL_BATCH overrides it (the tests use it to run both paths).
-int64_t small_batch_limit() {
-  static const int64_t limit = [] {
-    const char* env = std::getenv("MOE_SWAP_CPU_SMALL_BATCH");
-    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : cpu::kernel_build().small_batch_limit;
-  }();
-  return limit;
+int64_t small_batch_limit(WeightType w_type) {
+  static const char* env = std::getenv("MOE_SWAP_CPU_SMALL_BATCH");
+  return env != nullptr ? std::max<int64_t>(0, std::atoll(env))
+                        : cpu::kernel_build().small_batch_limit[static_cast<int>(w_type)];
 }
 
 WeightType weight_type(at::ScalarType dtype) {
@@ -343,7 +341,7 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden_states_in, const at::Tensor& w
   for (int64_t e = 0; e < s.num_experts; ++e) {
     const int64_t n = groups.row_begin[e + 1] - groups.row_begin[e];
     if (n == 0) continue;
-    (n <= small_batch_limit() ? small_experts : large_experts).push_back(e);
+    (n <= small_batch_limit(w_type) ? small_experts : large_experts).push_back(e);
   }
   run_small_experts(work, small_experts);
   run_large_experts(work, large_experts, w13, w2, x, activated, expert_out);

@@ -76,8 +76,9 @@ struct KernelBuild {
   RowsTimesTokensFn rows_times_tokens;
   ActAndMulFn act_and_mul;
   // Experts with at most this many tokens take the tiled path (rows_times_tokens), more take the
-  // float32 GEMM; where the tiled kernel stops beating MKL, measured per ISA (see the definitions).
-  int64_t small_batch_limit;
+  // float32 GEMM; where the tiled kernel stops beating MKL, measured per ISA and weight type (indexed
+  // by WeightType; see the definitions).
+  int64_t small_batch_limit[3];
 };
 
 // The build in use: MOE_SWAP_CPU_KERNELS when set (an error if this CPU cannot run it), else the best
