@@ -49,14 +49,18 @@ inline __m512bh weights_bf16_tail(const uint16_t* w, int64_t len) {
 
 // kRows weight rows against kTokens tokens, kRows * kTokens float32 accumulators of 16 lanes, each lane
 // the sum of two neighbouring products.
+// next_rows: the rows read after these (nullptr: none), prefetched a cache line per row per step (each
+// step reads one line of each of its rows): rows of 1-6 KB end before the hardware prefetcher ramps up.
 template <int kRows, int kTokens>
 inline void micro_tile(const float* x, int64_t ld_x, const uint16_t* w, int64_t ld_w, int64_t depth, float* out,
-                       int64_t ld_out) {
+                       int64_t ld_out, const uint16_t* next_rows = nullptr) {
   __m512 acc[kRows][kTokens];
   for (int r = 0; r < kRows; ++r)
     for (int t = 0; t < kTokens; ++t) acc[r][t] = _mm512_setzero_ps();
   int64_t h = 0;
   for (; h + kPairLanes <= depth; h += kPairLanes) {
+    if (next_rows != nullptr)
+      for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(next_rows + r * ld_w + h), _MM_HINT_T0);
     __m512bh wv[kRows];
     for (int r = 0; r < kRows; ++r) wv[r] = weights_bf16(w + r * ld_w + h);
     for (int t = 0; t < kTokens; ++t) {
@@ -79,13 +83,14 @@ inline void micro_tile(const float* x, int64_t ld_x, const uint16_t* w, int64_t 
 
 template <int kRows>
 inline void rows_block(const float* x, int64_t num_tokens, int64_t ld_x, const uint16_t* w, int64_t ld_w,
-                       int64_t depth, float* out, int64_t ld_out) {
+                       int64_t depth, float* out, int64_t ld_out, const uint16_t* next_rows = nullptr) {
   int64_t t = 0;
-  for (; t + 4 <= num_tokens; t += 4) micro_tile<kRows, 4>(x + t * ld_x, ld_x, w, ld_w, depth, out + t * ld_out, ld_out);
+  for (; t + 4 <= num_tokens; t += 4, next_rows = nullptr)  // the first token group prefetches
+    micro_tile<kRows, 4>(x + t * ld_x, ld_x, w, ld_w, depth, out + t * ld_out, ld_out, next_rows);
   switch (num_tokens - t) {
-    case 3: micro_tile<kRows, 3>(x + t * ld_x, ld_x, w, ld_w, depth, out + t * ld_out, ld_out); break;
-    case 2: micro_tile<kRows, 2>(x + t * ld_x, ld_x, w, ld_w, depth, out + t * ld_out, ld_out); break;
-    case 1: micro_tile<kRows, 1>(x + t * ld_x, ld_x, w, ld_w, depth, out + t * ld_out, ld_out); break;
+    case 3: micro_tile<kRows, 3>(x + t * ld_x, ld_x, w, ld_w, depth, out + t * ld_out, ld_out, next_rows); break;
+    case 2: micro_tile<kRows, 2>(x + t * ld_x, ld_x, w, ld_w, depth, out + t * ld_out, ld_out, next_rows); break;
+    case 1: micro_tile<kRows, 1>(x + t * ld_x, ld_x, w, ld_w, depth, out + t * ld_out, ld_out, next_rows); break;
     default: break;
   }
 }
@@ -225,7 +230,11 @@ void rows_times_tokens_avx512_bf16(const float* x, int64_t num_tokens, int64_t l
   if (num_tokens >= kPackedFromTokens)
     return rows_times_tokens_packed(x, num_tokens, ld_x, rows, num_rows, ld_w, depth, out, ld_out);
   int64_t r = 0;
-  for (; r + 4 <= num_rows; r += 4) rows_block<4>(x, num_tokens, ld_x, rows + r * ld_w, ld_w, depth, out + r, ld_out);
+  // Prefetch the block about 8 KB ahead (the distance the AVX2 build measured best).
+  const int64_t ahead = std::max<int64_t>(1, (8192 + 8 * ld_w - 1) / std::max<int64_t>(1, 8 * ld_w));
+  for (; r + 4 <= num_rows; r += 4)
+    rows_block<4>(x, num_tokens, ld_x, rows + r * ld_w, ld_w, depth, out + r, ld_out,
+                  r + 4 * (ahead + 1) <= num_rows ? rows + (r + 4 * ahead) * ld_w : nullptr);
   if (r + 2 <= num_rows) {
     rows_block<2>(x, num_tokens, ld_x, rows + r * ld_w, ld_w, depth, out + r, ld_out);
     r += 2;
