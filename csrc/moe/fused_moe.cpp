@@ -6,11 +6,12 @@
 // 4. Per expert: gate/up projection (up only when ungated), fused bias-activation-and-multiply
 //    (rounded to the input dtype, as a model running in that dtype does), down projection; all in
 //    float32 accumulators. The biases are indexed by each row's global expert id, not its slot.
-//    - Experts with up to small_batch_limit() tokens (decode, middle) are cut into row tiles that all
+//    - Experts with up to small_batch_limit(dtype) tokens (decode, middle) are cut into row tiles that all
 //      run in one parallel region, one thread per tile, with a kernel that reads each weight row once
 //      for all of the expert's tokens (parallel across experts and across rows within an expert).
 //    - Experts with more tokens (large prefill) run one after another, each projection a float32
-//      GEMM that uses every thread (bfloat16/float16 weights are widened to float32 first).
+//      GEMM that uses every thread (bfloat16/float16 weights are widened to float32 first). The limit
+//      is per build and dtype: the avx512_bf16 build keeps bfloat16 experts of any size on the tiles.
 // 5. Combine: per token, the routing-weighted sum of its experts' outputs (plus the w2 bias of each
 //    expert's global id) in float32, then the cast.
 #include <ATen/ATen.h>

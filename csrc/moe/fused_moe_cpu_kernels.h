@@ -2,7 +2,8 @@
 // that reads each weight row once for all of an expert's tokens, and the fused activation-and-multiply.
 // Builds, each in its own file compiled for its ISA only (target pragmas, no torch headers) and chosen
 // at run time from CPUID (fused_moe_cpu_dispatch.cpp):
-//   avx512_bf16  vdpbf16ps on bfloat16 weights (fused_moe_cpu_avx512_bf16.cpp), else as avx512
+//   avx512_bf16  vdpbf16ps on bfloat16 weights (fused_moe_cpu_avx512_bf16.cpp): dot-product tiles below 8
+//                tokens, packed weight panels with broadcast tokens from 8 on; else as avx512
 //   avx512       AVX-512F/BW/VL/DQ + FMA (fused_moe_cpu_avx512.cpp)
 //   avx2         AVX2 + FMA + F16C (fused_moe_cpu_avx2.cpp); act_and_mul is the portable one
 //   generic      portable C++, auto-vectorised (fused_moe_cpu_generic.cpp)
