@@ -155,19 +155,25 @@ def _samples():
 
 def test_opcheck():
     for args in _samples():
-        torch.library.opcheck(torch.ops.moe_swap.fused_moe_quant.default, args, {"activation": "gelu"})
+        # test_schema compares inputs before and after with arithmetic torch lacks for float8 on the CPU
+        utils = [u for u in ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+                 if not (args[7] == "fp8_block" and u == "test_schema")]
+        torch.library.opcheck(torch.ops.moe_swap.fused_moe_quant.default, args, {"activation": "gelu"},
+                              test_utils=utils)
 
 
 def test_torch_compile_fullgraph():
     for args in _samples():
         fmt = args[7]
+        if fmt not in ("int4", "fp8_block"):  # the fake kernel does not depend on the format; compiles cost 4 s each
+            continue
 
         def step(x, a=args):
             return torch.ops.moe_swap.fused_moe_quant(x, *a[1:]) * 2
 
         compiled = torch.compile(step, fullgraph=True)
-        for t in (5, 5):
-            x = torch.randn(t, 48)
+        for _ in range(2):
+            x = torch.randn(5, 48)
             torch.testing.assert_close(compiled(x), step(x), atol=1e-5, rtol=1e-5, msg=lambda m: f"{fmt}: {m}")
 
 
@@ -206,7 +212,7 @@ def test_bad_format_specific_inputs():
     fused_moe_quant(*base)
     with pytest.raises(RuntimeError, match=r"w13_scale \(fp8_block: one per 128x128 block\) must have shape \[2, 2, 2\]"):
         fused_moe_quant(*base[:2], w13.scale[:, :1], *base[3:])
-    with pytest.raises(ValueError, match="group_size must be 0 or 128 for format 'fp8_block', got 64"):
+    with pytest.raises(ValueError, match=r"group_size must be 0 or 128 for format 'fp8_block' \(128x128 blocks\), got 64"):
         fused_moe_quant(*base, 64)
     with pytest.raises(ValueError, match="w13_zero: only format 'int4' has zero points"):
         fused_moe_quant(*base, 0, torch.zeros(2, 2, 2, dtype=torch.uint8))

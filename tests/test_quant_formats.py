@@ -12,9 +12,9 @@ def dequant(w):
     return reference.dequantize(w.format, w.qweight, w.scale, w.zero, w.cols, w.group_size, w.segments)
 
 
-def pack_words(values, dim, slots=tuple(range(8))):
-    """Eight 4-bit values per int32 word along ``dim`` (value i of a word at bits 4 * slots[i]), as the
-    checkpoints' packers write them (uint32 arithmetic, then the bits as int32)."""
+def pack_words(values, dim):
+    """Eight 4-bit values per int32 word along ``dim`` (value i of a word at bits 4i), as GPTQ's and
+    compressed-tensors' packers write them (uint32 arithmetic, then the bits as int32)."""
     v = np.asarray(values, dtype=np.uint32)
     v = np.moveaxis(v, dim, -1)
     pad = (-v.shape[-1]) % 8
@@ -22,7 +22,7 @@ def pack_words(values, dim, slots=tuple(range(8))):
     v = v.reshape(*v.shape[:-1], -1, 8)
     words = np.zeros(v.shape[:-1], dtype=np.uint32)
     for i in range(8):
-        words |= (v[..., i] & 0xF) << np.uint32(4 * slots[i])
+        words |= (v[..., i] & 0xF) << np.uint32(4 * i)
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(words, -1, dim)).view(np.int32))
 
 
@@ -151,14 +151,24 @@ def test_gptq_bad_checkpoints_raise():
 
 # ---- AWQ: qweight [K, N/8] and qzeros [G, N/8] in AWQ's order 0 2 4 6 1 3 5 7 ----
 
+def awq_pack(columns):
+    """[K, N] 4-bit values -> int32 [K, N/8] as AutoAWQ's GEMM packer writes them: word c holds column
+    8c + order_map[i] at bits 4i, order_map = [0, 2, 4, 6, 1, 3, 5, 7]."""
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    v = np.asarray(columns, dtype=np.uint32)
+    words = np.zeros((v.shape[0], v.shape[1] // 8), dtype=np.uint32)
+    for c in range(v.shape[1] // 8):
+        for i in range(8):
+            words[:, c] |= v[:, 8 * c + order_map[i]] << np.uint32(4 * i)
+    return torch.from_numpy(words.view(np.int32))
+
+
 def test_awq_matches_its_packing_order():
     n, k, group = 32, 128, 64
     q = torch.randint(0, 16, (n, k))
     z = torch.randint(0, 16, (n, k // group))
     s = torch.rand(k // group, n).half()
-    awq_slot = (0, 4, 1, 5, 2, 6, 3, 7)  # AWQ writes column order_map[i] = (0,2,4,6,1,3,5,7)[i] at slot i
-    w = quant.from_awq(pack_words(q.t().numpy(), 1, awq_slot), pack_words(z.t().numpy(), 1, awq_slot), s,
-                       group_size=group)
+    w = quant.from_awq(awq_pack(q.t().numpy()), awq_pack(z.t().numpy()), s, group_size=group)
     expected = (q.float() - expand_groups(z, k, group).float()) * expand_groups(s.t(), k, group).float()
     torch.testing.assert_close(dequant(w)[0], expected, rtol=0, atol=0)
     # the plain order would be a different matrix: the test can tell the orders apart
