@@ -134,8 +134,12 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--quick", action="store_true", help="decode and T=64 only, 3 rounds")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 keeps a loaded machine's "
+                        "descheduled threads out of the parallel regions' joins")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokens = {k: v for k, v in TOKENS.items() if k != "prefill"} if args.quick else TOKENS
     rounds = 3 if args.quick else args.rounds
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

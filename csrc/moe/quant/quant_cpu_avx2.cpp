@@ -31,14 +31,14 @@ inline uint32_t load_u32(const uint8_t* p) {
 template <QFormat F>
 inline __m256 load8(const QuantMatrix& m, const QuantRow& row, int64_t k) {
   if constexpr (F == QFormat::kFp8Block) {
-    const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row.q + k)));
-    // a float16 of 2^-8 times the e4m3 value; the 2^8 joins the block scale (see the AVX-512 build)
-    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8),
-                                   _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7F)), 7));
-    const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(row.scale_f32[k / 128] * 256.0f));
-    const __m128i nan16 = _mm_cmpeq_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7F)), _mm_set1_epi16(0x7F));
-    const __m256 nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan16));
-    return _mm256_blendv_ps(v, _mm256_set1_ps(float_from_bits(0x7FC00000u)), nan);
+    // float32 bits of 2^-120 times the e4m3 value (see the AVX-512 build), then * 2^120 * the block scale
+    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row.q + k)));
+    const __m256i bits = _mm256_and_si256(_mm256_slli_epi32(v, 20), _mm256_set1_epi32(static_cast<int>(0x87F00000u)));
+    const __m256 value = _mm256_mul_ps(_mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p120f)),
+                                       _mm256_set1_ps(row.scale_f32[k / 128]));
+    const __m256i nan = _mm256_cmpeq_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x07F00000)),
+                                           _mm256_set1_epi32(0x07F00000));
+    return _mm256_blendv_ps(value, _mm256_set1_ps(float_from_bits(0x7FC00000u)), _mm256_castsi256_ps(nan));
   } else if constexpr (F == QFormat::kInt8) {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row.q + k));
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_set1_ps(*row.scale_f32));
@@ -46,7 +46,7 @@ inline __m256 load8(const QuantMatrix& m, const QuantRow& row, int64_t k) {
     const __m256 u = _mm256_cvtepi32_ps(nibbles8(load_u32(row.q + k / 2)));
     const int64_t g = k / m.group;
     const float z = row.zero != nullptr ? static_cast<float>(row.zero[g]) : 8.0f;
-    return _mm256_mul_ps(_mm256_sub_ps(u, _mm256_set1_ps(z)), _mm256_set1_ps(scale_value(row.scale, m.scale_type, g)));
+    return _mm256_mul_ps(_mm256_sub_ps(u, _mm256_set1_ps(z)), _mm256_set1_ps(m.scale_type == WeightType::kFloat16 ? _cvtsh_ss(static_cast<const uint16_t*>(row.scale)[g]) : scale_value(row.scale, m.scale_type, g)));
   } else {
     const __m256i codes = nibbles8(load_u32(row.q + (k / 32) * 16 + (k % 32) / 2));
     const __m256 magnitude = _mm256_permutevar8x32_ps(_mm256_loadu_ps(kE2m1Values), _mm256_and_si256(codes, _mm256_set1_epi32(7)));
