@@ -261,3 +261,33 @@ def test_every_cpu_build_against_reference(build):
                             env={**os.environ, "MOE_SWAP_CPU_KERNELS": build}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# ---- CUDA (never run on this project's machines yet: these run where a GPU is present) ----
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("t", [1, 7, 64, 333])
+def test_cuda_against_reference(fmt, t, debug_off):
+    hidden, inter, experts, k, e_global = 200, 75, 6, 2, 9
+    for n, (activation, gated, dtype) in enumerate([("silu", True, torch.float32), ("swiglu_clamp", True, torch.bfloat16),
+                                                    ("gelu", False, torch.float16)]):
+        w13, w2 = layer(fmt, hidden, inter, experts, gated=gated, zero=n == 1, scale_dtype=torch.bfloat16 if n else torch.float32)
+        x = torch.randn(t, hidden).to(dtype)
+        expert_map = torch.full((e_global,), -1, dtype=torch.int32)
+        expert_map[torch.randperm(e_global)[:experts]] = torch.randperm(experts, dtype=torch.int32)
+        weights, ids = routing(t, e_global, k)
+        options = dict(expert_map=expert_map, activation=activation, gated=gated,
+                       w13_bias=(torch.randn(e_global, w13.rows) / 4).to(dtype), w2_bias=(torch.randn(e_global, hidden) / 4).to(dtype))
+        group = w13.group_size if fmt == "int4" else 0
+        args = (x, w13.qweight, w13.scale, w2.qweight, w2.scale, weights, ids, fmt, group, w13.zero, w2.zero)
+        ref = reference.fused_moe_quant(*args, **options)
+        cuda = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        moe_swap.set_debug(True)
+        try:
+            out = fused_moe_quant(*map(cuda, args), **{key: cuda(v) for key, v in options.items()})
+        finally:
+            moe_swap.set_debug(False)
+        tol = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+        torch.testing.assert_close(out.cpu().float(), ref.float(), atol=tol, rtol=tol,
+                                   msg=lambda m: f"{fmt} T={t} {activation} {dtype}: {m}")
