@@ -231,9 +231,10 @@ def test_bad_format_specific_inputs():
 # ---- every CPU build, in a fresh process (the build is chosen once per process) ----
 
 _EVERY_BUILD_SCRIPT = """
+    import sys
+    sys.path.insert(0, {tests!r})  # this file's helpers (the sanitizer run imports nothing from the cwd)
     import torch, moe_swap
-    from moe_swap import reference
-    from tests.test_fused_moe_quant import layer, run_both, routing
+    from test_fused_moe_quant import layer, run_both, routing
     assert moe_swap.ops.cpu_kernel_build() == {build!r}, moe_swap.ops.cpu_kernel_build()
     torch.manual_seed(0)
     # depths that leave every remainder of the 8/16-lane steps, rows that leave 1-3 after the 4-row blocks,
@@ -258,7 +259,7 @@ def test_every_cpu_build_against_reference(build):
     if build not in moe_swap.ops.cpu_kernel_builds():
         pytest.skip(f"this CPU does not run the {build} build (it runs {moe_swap.ops.cpu_kernel_builds()})")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_EVERY_BUILD_SCRIPT.format(build=build))], cwd=root,
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_EVERY_BUILD_SCRIPT.format(build=build, tests=os.path.dirname(os.path.abspath(__file__))))], cwd=root,
                             env={**os.environ, "MOE_SWAP_CPU_KERNELS": build}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
