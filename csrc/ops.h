@@ -39,6 +39,24 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                           bool gated, double swiglu_alpha, double swiglu_limit);
 #endif
 
+// ---- quantized MoE compute (csrc/moe/quant) ----
+at::Tensor fused_moe_quant_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w13_scale,
+                               const at::Tensor& w2, const at::Tensor& w2_scale, const at::Tensor& topk_weights,
+                               const at::Tensor& topk_ids, c10::string_view format, int64_t group_size,
+                               const std::optional<at::Tensor>& w13_zero, const std::optional<at::Tensor>& w2_zero,
+                               const std::optional<at::Tensor>& expert_map, c10::string_view activation,
+                               const std::optional<at::Tensor>& w13_bias, const std::optional<at::Tensor>& w2_bias, bool gated,
+                               double swiglu_alpha, double swiglu_limit);
+#ifdef MOE_SWAP_WITH_CUDA
+at::Tensor fused_moe_quant_cuda(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w13_scale,
+                                const at::Tensor& w2, const at::Tensor& w2_scale, const at::Tensor& topk_weights,
+                                const at::Tensor& topk_ids, c10::string_view format, int64_t group_size,
+                                const std::optional<at::Tensor>& w13_zero, const std::optional<at::Tensor>& w2_zero,
+                                const std::optional<at::Tensor>& expert_map, c10::string_view activation,
+                                const std::optional<at::Tensor>& w13_bias, const std::optional<at::Tensor>& w2_bias, bool gated,
+                                double swiglu_alpha, double swiglu_limit);
+#endif
+
 // ---- diagnostics (csrc/core/parallel.cpp) ----
 int64_t cpu_parallel_threads();
 std::string cpu_kernel_build();

@@ -26,6 +26,18 @@ TORCH_LIBRARY(moe_swap, m) {
       "fused_moe(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
       "Tensor? expert_map=None, str activation=\"silu\", Tensor? w13_bias=None, Tensor? w2_bias=None, "
       "bool gated=True, float swiglu_alpha=1.702, float swiglu_limit=7.0) -> Tensor");
+  // fused_moe on quantized experts, computed from their bytes (layouts: moe_swap/quant.py). One op for
+  // every format: the format is data of the layer (the streamer and cache hand bytes over whatever they
+  // hold), and the options are fused_moe's. format: "fp8_block" (w float8_e4m3fn [E, R, K], scale f32 per
+  // 128x128 block, a gated w13's halves blocked separately), "mxfp4" (w u8 [E, R, ceil(K/32)*16], scale
+  // e8m0 u8 [E, R, ceil(K/32)]), "int4" (w u8 [E, R, ceil(K/2)], scale f32/f16/bf16 [E, R, ceil(K/g)],
+  // optional zero u8 of that shape, else 8; group_size g in 32/64/128), "int8" (w int8 [E, R, K], scale
+  // f32 [E, R]). R, K: 2I (I ungated), H for w13; H, I for w2.
+  m.def(
+      "fused_moe_quant(Tensor hidden_states, Tensor w13, Tensor w13_scale, Tensor w2, Tensor w2_scale, "
+      "Tensor topk_weights, Tensor topk_ids, str format, int group_size=0, Tensor? w13_zero=None, "
+      "Tensor? w2_zero=None, Tensor? expert_map=None, str activation=\"silu\", Tensor? w13_bias=None, "
+      "Tensor? w2_bias=None, bool gated=True, float swiglu_alpha=1.702, float swiglu_limit=7.0) -> Tensor");
   // Device-side on_demand step (no host sync; capturable on CUDA): read topk_ids, stamp hits and
   // pick LRU victims in the layer's pool region [slot_base, +C) (state: slot_expert int32 [C],
   // slot_stamp int64 [C], clock int64 [1]), pull missing experts from host_w13/host_w2 (CUDA: a
@@ -117,6 +129,7 @@ TORCH_LIBRARY(moe_swap, m) {
 TORCH_LIBRARY_IMPL(moe_swap, CPU, m) {
   m.impl("topk_route", &moe_swap::topk_route_cpu);
   m.impl("fused_moe", &moe_swap::fused_moe_cpu);
+  m.impl("fused_moe_quant", &moe_swap::fused_moe_quant_cpu);
   m.impl("expert_cache_pull", &moe_swap::expert_cache_pull_cpu);
 }
 
@@ -124,6 +137,7 @@ TORCH_LIBRARY_IMPL(moe_swap, CPU, m) {
 TORCH_LIBRARY_IMPL(moe_swap, CUDA, m) {
   m.impl("topk_route", &moe_swap::topk_route_cuda);
   m.impl("fused_moe", &moe_swap::fused_moe_cuda);
+  m.impl("fused_moe_quant", &moe_swap::fused_moe_quant_cuda);
   m.impl("expert_cache_pull", &moe_swap::expert_cache_pull_cuda);
 }
 #endif

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["topk_route", "fused_moe", "expert_cache_pull", "set_debug", "debug_enabled", "cpu_parallel_threads",
+__all__ = ["topk_route", "fused_moe", "fused_moe_quant", "expert_cache_pull", "set_debug", "debug_enabled", "cpu_parallel_threads",
            "cpu_kernel_build", "cpu_kernel_builds"]
 
 
@@ -206,6 +206,75 @@ def _fused_moe_fake(hidden_states, w13, w2, topk_weights, topk_ids, expert_map=N
                                                          expert_map=expert_map, w13_bias=w13_bias, w2_bias=w2_bias))
     check_fused_moe_layout(w13, w2, expert_map, activation, w13_bias, w2_bias, gated, swiglu_alpha, swiglu_limit,
                            hidden_states.shape[1])
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+
+
+QUANT_FORMATS = ("fp8_block", "mxfp4", "int4", "int8")
+
+
+def fused_moe_quant(
+    hidden_states: Tensor,
+    w13: Tensor,
+    w13_scale: Tensor,
+    w2: Tensor,
+    w2_scale: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    format: str,
+    group_size: int = 0,
+    w13_zero: Optional[Tensor] = None,
+    w2_zero: Optional[Tensor] = None,
+    expert_map: Optional[Tensor] = None,
+    activation: str = "silu",
+    w13_bias: Optional[Tensor] = None,
+    w2_bias: Optional[Tensor] = None,
+    gated: bool = True,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> Tensor:
+    """:func:`fused_moe` on quantized experts, computed from their bytes (never a float copy of the layer).
+
+    The weights are in one of moe_swap's layouts (``moe_swap/quant.py`` documents each exactly; a
+    :class:`moe_swap.quant.QuantWeight` holds them and ``kernel_args()`` gives its three tensors):
+    ``"fp8_block"`` (float8_e4m3fn, float32 scale per 128x128 block; a gated w13's gate and up halves are
+    blocked separately), ``"mxfp4"`` (e2m1 nibbles, e8m0 scale per 32), ``"int4"`` (nibbles, scale
+    float32/float16/bfloat16 per ``group_size`` in {32, 64, 128}, optional uint8 zero points, else 8) or
+    ``"int8"`` (per-row float32 scale). ``w13`` holds ``[E, 2I, packed H]`` (``[E, I, packed H]`` with
+    ``gated=False``), ``w2`` ``[E, H, packed I]``; ``H`` is ``hidden_states.size(1)``.
+
+    Every other argument, the rounding (float32 sums of ``x`` times the dequantized weights, the
+    activated intermediate rounded once to the input dtype) and the id handling are :func:`fused_moe`'s.
+    The oracle is :func:`moe_swap.reference.fused_moe_quant` (dequantize, then the float reference).
+    The CUDA kernel is compiled but has never run on a GPU.
+    """
+    _check_tensors(hidden_states=hidden_states, w13=w13, w13_scale=w13_scale, w2=w2, w2_scale=w2_scale,
+                   topk_weights=topk_weights, topk_ids=topk_ids)
+    return torch.ops.moe_swap.fused_moe_quant.default(
+        hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, format, group_size, w13_zero, w2_zero,
+        expert_map, activation, w13_bias, w2_bias, gated, swiglu_alpha, swiglu_limit,
+    )
+
+
+@torch.library.register_fake("moe_swap::fused_moe_quant")
+def _fused_moe_quant_fake(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, format, group_size=0,
+                          w13_zero=None, w2_zero=None, expert_map=None, activation="silu", w13_bias=None,
+                          w2_bias=None, gated=True, swiglu_alpha=1.702, swiglu_limit=7.0):
+    if format not in QUANT_FORMATS:
+        raise ValueError(f"format must be 'fp8_block', 'mxfp4', 'int4' or 'int8', got '{format}'")
+    torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be 2-D, got {hidden_states.dim()}-D")
+    check_same_device("fused_moe_quant", "hidden_states", dict(
+        hidden_states=hidden_states, w13=w13, w13_scale=w13_scale, w2=w2, w2_scale=w2_scale, topk_weights=topk_weights,
+        topk_ids=topk_ids, w13_zero=w13_zero, w2_zero=w2_zero, expert_map=expert_map, w13_bias=w13_bias,
+        w2_bias=w2_bias))
+    if activation not in FUSED_MOE_ACTIVATIONS:
+        raise ValueError("activation must be 'silu', 'gelu', 'gelu_tanh', 'relu2', 'swiglu_clamp' or 'silu_clamp', "
+                         f"got '{activation}'")
+    torch._check(w13.dim() == 3 and w2.dim() == 3,
+                 lambda: f"w13 and w2 must be 3-D, got shapes {tuple(w13.shape)} and {tuple(w2.shape)}")
+    torch._check(not gated or w13.shape[1] % 2 == 0, lambda: f"w13.size(1) must be even (2I: gate rows then up rows, "
+                                                             f"gated=True), got {w13.shape[1]}")
+    torch._check(w2.shape[1] == hidden_states.shape[1],
+                 lambda: f"w2.size(1) must equal H = {hidden_states.shape[1]}, got w2 shape {tuple(w2.shape)}")
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 

@@ -166,3 +166,71 @@ def fused_moe(
                 y = y + w2_bias[g].float()
             out[t] += float(topk_weights[t, j]) * y
     return out.to(dtype)
+
+
+# ---- quantized experts: plain dequantization, the oracle of fused_moe_quant (layouts: moe_swap/quant.py) ----
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _nibbles(packed: Tensor, cols: int) -> Tensor:
+    """uint8 [..., B] -> int64 [..., cols]: element 2j is byte j's low nibble, 2j + 1 its high nibble."""
+    b = packed.to(torch.int64)
+    both = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)
+    return both[..., :cols]
+
+
+def dequantize(fmt: str, qweight: Tensor, scale: Tensor, zero: Optional[Tensor], cols: int, group_size: int = 0,
+               segments: int = 1) -> Tensor:
+    """The float32 ``[E, N, cols]`` weight a quantized expert matrix stands for, element by element."""
+    e, n = qweight.shape[0], qweight.shape[1]
+    k = torch.arange(cols)
+    if fmt == "fp8_block":
+        seg_rows = n // segments
+        blocks_per_seg = -(-seg_rows // 128)
+        rows = torch.arange(n)
+        row_block = (rows // seg_rows) * blocks_per_seg + (rows % seg_rows) // 128
+        s = scale.float()[:, row_block][:, :, k // 128]
+        return qweight.float() * s
+    if fmt == "mxfp4":
+        values = torch.tensor(_E2M1, dtype=torch.float32)[_nibbles(qweight, cols)]
+        exponent = scale.to(torch.int64)[:, :, k // 32] - 127
+        return values * torch.pow(2.0, exponent.double()).float()
+    if fmt == "int4":
+        u = _nibbles(qweight, cols).float()
+        z = zero.float()[:, :, k // group_size] if zero is not None else 8.0
+        return (u - z) * scale.float()[:, :, k // group_size]
+    if fmt == "int8":
+        return qweight.float() * scale.float().unsqueeze(-1)
+    raise ValueError(f"format must be 'fp8_block', 'mxfp4', 'int4' or 'int8', got {fmt!r}")
+
+
+def fused_moe_quant(
+    hidden_states: Tensor,
+    w13: Tensor,
+    w13_scale: Tensor,
+    w2: Tensor,
+    w2_scale: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    format: str,
+    group_size: int = 0,
+    w13_zero: Optional[Tensor] = None,
+    w2_zero: Optional[Tensor] = None,
+    expert_map: Optional[Tensor] = None,
+    activation: str = "silu",
+    w13_bias: Optional[Tensor] = None,
+    w2_bias: Optional[Tensor] = None,
+    gated: bool = True,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> Tensor:
+    """Reference quantized MoE layer: :func:`fused_moe` on the float32 weights the quantized bytes stand
+    for (the w13 of fp8_block gated is blocked per half). See :func:`moe_swap.ops.fused_moe_quant`."""
+    hidden = hidden_states.shape[1]
+    inter = w13.shape[1] // 2 if gated else w13.shape[1]
+    g13 = group_size
+    w13_f = dequantize(format, w13, w13_scale, w13_zero, hidden, g13, 2 if gated else 1)
+    w2_f = dequantize(format, w2, w2_scale, w2_zero, inter, group_size, 1)
+    return fused_moe(hidden_states, w13_f, w2_f, topk_weights, topk_ids, expert_map, activation, w13_bias, w2_bias,
+                     gated, swiglu_alpha, swiglu_limit)
