@@ -1,0 +1,117 @@
+"""Count the torch ops a decode step dispatches inside the streamer, per policy, to compare two builds:
+
+  cd <checkout> && python scripts/step_ops.py            # a table: per policy, ops per layer-step
+  cd <checkout> && python scripts/step_ops.py --json     # the same as JSON
+
+Run from a checkout's root: its moe_swap (and its built _C) is the one imported. CPU backend. A decode
+step is one token through every layer, as moe_swap.offload runs it: the model computes the routing and
+the guess at the next layer's experts (not counted); the streamer's calls (acquire/fused_moe/release,
+or moe with the guess) are counted with a TorchDispatchMode, split into moe_swap's own ops and every
+other op. Counted over steps after a warm-up (the first step allocates the cache).
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+LAYERS, EXPERTS, HIDDEN, INTER, TOP_K = 4, 8, 16, 8, 2
+WARM, STEPS = 3, 10
+
+# name -> (WeightStreamer keyword arguments, whether the step passes a guess at the next layer)
+CASES = {
+    "full": (dict(policy="full"), False),
+    "full/sync": (dict(policy="full", mode="sync"), False),
+    "full/uva": (dict(policy="full", mode="uva"), False),
+    "on_demand": (dict(policy="on_demand"), False),
+    "on_demand+predict": (dict(policy="on_demand"), True),
+    "auto+predict": (dict(policy="auto"), True),
+    "device_ids": (dict(policy="on_demand", ids_path="device"), False),
+    "device_ids+predict": (dict(policy="on_demand", ids_path="device"), True),
+}
+
+
+class Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(case: str) -> dict:
+    from moe_swap import WeightStreamer
+    from moe_swap.ops import fused_moe
+
+    kwargs, guess = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=g), torch.randn(EXPERTS, HIDDEN, INTER, generator=g))
+              for _ in range(LAYERS)]
+    routers = [torch.randn(EXPERTS, HIDDEN, generator=g) for _ in range(LAYERS)]
+    expert_bytes = (2 * INTER * HIDDEN + HIDDEN * INTER) * 4
+    # room for every expert of every layer (and the host path's wide-step room): decode steps all fit
+    cache_bytes = 0 if kwargs["policy"] == "full" else (LAYERS + 2) * EXPERTS * expert_bytes
+    counter = Counter()
+    with WeightStreamer("cpu", cache_bytes=cache_bytes, **kwargs) as s:
+        for w13, w2 in layers:
+            s.add_layer(w13, w2)
+        for step in range(WARM + STEPS):
+            x = torch.randn(1, HIDDEN, generator=g)
+            for layer in range(LAYERS):
+                weights, ids = torch.topk(torch.softmax(x @ routers[layer].T, -1), TOP_K)
+                weights, ids = weights.float(), ids.to(torch.int32)
+                nxt = (layer + 1) % LAYERS
+                next_ids = torch.topk(x @ routers[nxt].T, TOP_K).indices if guess else None
+                mode = counter if step >= WARM else None
+                if mode is not None:
+                    mode.__enter__()
+                try:
+                    if kwargs["policy"] == "full":
+                        w13, w2 = s.acquire(layer, after=[x])
+                        out = fused_moe(x, w13, w2, weights, ids)
+                        s.release(layer, after=[out])
+                    elif guess:
+                        out = s.moe(layer, x, weights, ids, next_layer=nxt, next_ids=next_ids)
+                    else:
+                        out = s.moe(layer, x, weights, ids)
+                finally:
+                    if mode is not None:
+                        mode.__exit__(None, None, None)
+                x = torch.tanh(out)
+    own = {k: v for k, v in counter.ops.items() if k.startswith("moe_swap.")}
+    other = {k: v for k, v in counter.ops.items() if not k.startswith("moe_swap.")}
+    per_step = STEPS * LAYERS
+    return {"moe_swap_ops_per_layer_step": sum(own.values()) / per_step,
+            "other_ops_per_layer_step": sum(other.values()) / per_step,
+            "moe_swap_ops": {k: v / per_step for k, v in sorted(own.items())},
+            "other_ops": {k: v / per_step for k, v in sorted(other.items())}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args()
+    import moe_swap
+
+    results = {case: count(case) for case in CASES}
+    if args.json:
+        print(json.dumps({"moe_swap": moe_swap.__file__, "cases": results}, indent=1))
+        return 0
+    print(f"moe_swap from {moe_swap.__file__}; {LAYERS} layers, T=1, top_k={TOP_K}; ops per layer-step "
+          f"(a decode step is {LAYERS} layer-steps)")
+    print(f"{'case':<20} {'moe_swap ops':>12} {'other ops':>10}  other ops by name")
+    for case, r in results.items():
+        names = ", ".join(f"{k.removeprefix('aten.')} {v:g}" for k, v in r["other_ops"].items())
+        print(f"{case:<20} {r['moe_swap_ops_per_layer_step']:>12g} {r['other_ops_per_layer_step']:>10g}  {names}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
