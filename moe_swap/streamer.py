@@ -37,9 +37,8 @@ __all__ = ["WeightStreamer"]
 # Per streamer handle: [(w13_shape, w2_shape, dtype, device)] per layer, for the fake kernels.
 _LAYER_META: dict[int, list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]]] = {}
 
-_STATS_COLUMNS = ("bytes_copied", "copies_issued", "chunks_issued", "acquires", "hits", "demand_copies",
-                  "wait_ns", "waits_timed", "expert_hits", "expert_misses", "evictions", "predicted",
-                  "predicted_used", "routed_distinct", "ids_to_host_ns", "layer_copies")
+# streamer_stats' per-layer columns, as the library defines them (csrc/streaming/stats.h)
+_STATS_COLUMNS = tuple(torch.ops.moe_swap.streamer_stats_columns())
 POLICIES = ("full", "on_demand", "auto")
 EVICTIONS = ("lru", "lfu", "flru")
 IDS_PATHS = ("host", "device")
@@ -71,12 +70,6 @@ def _acquire_fake(handle, layer, after):
     w13_shape, w2_shape, dtype, device = _layer_meta("acquire", handle, layer)
     _check_after("acquire", after)
     return torch.empty(w13_shape, dtype=dtype, device=device), torch.empty(w2_shape, dtype=dtype, device=device)
-
-
-@torch.library.register_fake("moe_swap::streamer_host_copy")
-def _host_copy_fake(handle, layer):
-    w13_shape, w2_shape, dtype, _ = _layer_meta("host_copy", handle, layer)
-    return torch.empty(w13_shape, dtype=dtype), torch.empty(w2_shape, dtype=dtype)
 
 
 @torch.library.register_fake("moe_swap::streamer_release")
@@ -139,10 +132,6 @@ class WeightStreamer:
         trace: record copy / wait / hold spans per layer (``stats()["trace"]``), for timelines.
         timing: time the compute stream's waits on copies (CUDA events, read lazily in ``stats()``).
             Turn off to capture the forward in a CUDA graph.
-        test_copy_delay_us: FOR TESTS, CPU backend only: a random delay in ``[0, this]`` microseconds
-            before each copied chunk.
-        test_fail_copy_at: FOR TESTS: the copy with this index (0-based, counting every layer copy)
-            fails; the error surfaces at the acquire of that layer.
         policy: ``"full"`` (whole layers through the ring) or ``"on_demand"``: only the experts the
             batch routed to move, into an expert cache (a pool of expert-sized device slots shared by
             every layer), and :meth:`moe` runs ``fused_moe`` on the pool with an ``expert_map``.
@@ -192,8 +181,8 @@ class WeightStreamer:
     """
 
     def __init__(self, device: Union[str, torch.device] = "cuda", slots: int = 2, prefetch_depth: int = 1,
-                 mode: str = "full", *, trace: bool = False, timing: bool = True, test_copy_delay_us: int = 0,
-                 test_fail_copy_at: int = -1, policy: str = "full", cache_bytes: int = 0,
+                 mode: str = "full", *, trace: bool = False, timing: bool = True, policy: str = "full",
+                 cache_bytes: int = 0,
                  eviction: str = "flru", ids_path: str = "host",
                  copy_cost: Optional[tuple[float, float]] = None) -> None:
         self._handle: Optional[int] = None
@@ -215,10 +204,6 @@ class WeightStreamer:
             raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
         _check_int64("cache_bytes", cache_bytes)
         slots, prefetch_depth = _check_int64("slots", slots), _check_int64("prefetch_depth", prefetch_depth)
-        test_copy_delay_us = _check_int64("test_copy_delay_us", test_copy_delay_us)
-        if not 0 <= test_copy_delay_us <= 1_000_000:  # a larger one would park the copy thread for ages
-            raise ValueError(f"test_copy_delay_us must be in [0, 1000000] (microseconds), got {test_copy_delay_us}")
-        test_fail_copy_at = _check_int64("test_fail_copy_at", test_fail_copy_at)
         if ids_path not in IDS_PATHS:
             raise ValueError(f"ids_path must be one of {', '.join(IDS_PATHS)}, got {ids_path!r}")
         if ids_path == "device" and policy == "full":
@@ -237,9 +222,8 @@ class WeightStreamer:
         self.slots = slots
         self.prefetch_depth = prefetch_depth
         self._handle = torch.ops.moe_swap.streamer_create(
-            str(dev), slots, prefetch_depth, mode, bool(trace), bool(timing), test_copy_delay_us,
-            test_fail_copy_at, policy, 0 if ids_path == "device" else cache_bytes, eviction, overhead_us,
-            gb_per_s)
+            str(dev), slots, prefetch_depth, mode, bool(trace), bool(timing), policy,
+            0 if ids_path == "device" else cache_bytes, eviction, overhead_us, gb_per_s)
         _LAYER_META[self._handle] = []
 
     # ---- lifetime ----
@@ -418,10 +402,6 @@ class WeightStreamer:
     def synchronize(self) -> None:
         """Host waits for every copy in flight (tests, benchmarks; never needed in a forward)."""
         torch.ops.moe_swap.streamer_synchronize(self.handle)
-
-    def host_tensors(self, layer: int) -> tuple[Tensor, Tensor]:
-        """CPU copies of the layer's weights as held in the host store."""
-        return torch.ops.moe_swap.streamer_host_copy(self.handle, layer)
 
     # ---- policy on_demand ----
     def acquire_experts(self, layer: int, topk_ids: Tensor, next_layer: Optional[int] = None,
@@ -791,12 +771,6 @@ def _check_copy_cost(copy_cost, policy: str) -> tuple[Optional[float], Optional[
     if not 0 < gb_per_s <= 1e4:
         raise ValueError(f"copy_cost: gb_per_s (copy bandwidth, GB/s) must be in (0, 1e4], got {copy_cost[1]!r}")
     return overhead_us, gb_per_s
-
-
-def live_counts() -> dict:
-    """Process-wide: live streamers, live host-store bytes and blocks (for leak checks)."""
-    streamers, host_bytes, host_blocks = torch.ops.moe_swap.streamer_live_counts()
-    return {"streamers": streamers, "host_bytes": host_bytes, "host_blocks": host_blocks}
 
 
 # ---- safetensors through a memory map ----
