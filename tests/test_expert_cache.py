@@ -592,3 +592,21 @@ def test_steps_queued_back_to_back_on_cuda_compute_the_same_cuda(policy):
     assert stats["expert_misses"] > 0 and stats["predicted"] > 0
     if policy == "auto":
         assert stats["layer_copies"] > 0
+
+
+def test_on_demand_needs_no_second_ring_slot():
+    """The expert cache copies on its own two channels (demand, ahead), not on ring slots: one slot (and
+    prefetch_depth 0) is enough, with predictions on."""
+    layers = random_layers(2, 4)
+    w13, w2 = layers[0]
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    with WeightStreamer("cpu", slots=1, prefetch_depth=0, policy="on_demand", cache_bytes=3 * expert_bytes) as s:
+        for a, b in layers:
+            s.add_layer(a, b)
+        for step in range(6):
+            layer = step % 2
+            x = torch.randn(2, 16)
+            weights, ids = route(2, 4, 2)
+            out = s.moe(layer, x, weights, ids, next_layer=1 - layer, next_ids=torch.randint(0, 4, (2, 2)))
+            torch.testing.assert_close(out, fused_moe(x, *layers[layer], weights, ids))
+        assert s.stats()["predicted"] > 0
