@@ -99,9 +99,10 @@ TORCH_LIBRARY(moe_swap, m) {
       "-> (Tensor w13, Tensor w2, Tensor expert_map)");
   // on_demand: the step's experts may be evicted once the current stream's work so far is done.
   m.def("streamer_release_experts(int handle, int layer, Tensor[] after) -> ()");
-  // on_demand, one opaque op (traces with a shape-only fake kernel): acquire_experts, fused_moe on
-  // the pool with the expert_map, release_experts. The biases and gated/swiglu options go to
-  // fused_moe as they are: the biases are indexed by global id, resident, never in the cache.
+  // One MoE step of any policy, one opaque op (traces with a shape-only fake kernel): on_demand/auto
+  // acquire_experts, fused_moe on the pool with the expert_map, release_experts; full acquire,
+  // fused_moe on the layer's views, release (next_layer/next_ids: on_demand/auto only). The biases and
+  // gated/swiglu options go to fused_moe as they are: indexed by global id, resident, never copied.
   m.def(
       "streamer_moe(int handle, int layer, Tensor hidden_states, Tensor topk_weights, Tensor topk_ids, "
       "str activation=\"silu\", int next_layer=-1, Tensor? next_ids=None, Tensor? w13_bias=None, "

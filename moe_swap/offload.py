@@ -190,20 +190,15 @@ class _LayerExperts:
         if self.streamer is None:
             return fused_moe(hidden, getattr(holder, self.w13_name), getattr(holder, self.w2_name),
                              weights, ids, activation=self.activation, **kwargs)
-        if self.streamer.policy != "full":
-            if self.next_router is None:
-                return self.streamer.moe(self.index, hidden, weights, ids, self.activation, **kwargs)
-            # the next layer's router on this layer's input: its likely experts copy under this layer's
-            # compute (the streamer orders them after this step's own copies)
-            logits = F.linear(hidden, self.next_router.weight.to(hidden.dtype))
-            guess = torch.topk(logits, self.next_top_k, dim=-1).indices
-            return self.streamer.moe(self.index, hidden, weights, ids, self.activation, next_layer=self.next_index,
-                                     next_ids=guess, **kwargs)
-        # `after` orders acquire after the layer's input and release after its output in a compiled graph
-        w13, w2 = self.streamer.acquire(self.index, after=[hidden])
-        out = fused_moe(hidden, w13, w2, weights, ids, activation=self.activation, **kwargs)
-        self.streamer.release(self.index, after=[out])
-        return out
+        # one op per step, every policy: acquire, fused_moe, release
+        if self.next_router is None:
+            return self.streamer.moe(self.index, hidden, weights, ids, self.activation, **kwargs)
+        # the next layer's router on this layer's input: its likely experts copy under this layer's
+        # compute (the streamer orders them after this step's own copies)
+        logits = F.linear(hidden, self.next_router.weight.to(hidden.dtype))
+        guess = torch.topk(logits, self.next_top_k, dim=-1).indices
+        return self.streamer.moe(self.index, hidden, weights, ids, self.activation, next_layer=self.next_index,
+                                 next_ids=guess, **kwargs)
 
 
 # buffers of a 5.x experts module after offload: its resident experts and its biases, in fused_moe's layout

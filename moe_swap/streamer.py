@@ -424,8 +424,10 @@ class WeightStreamer:
             activation: str = "silu", next_layer: Optional[int] = None, next_ids: Optional[Tensor] = None, *,
             w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None, gated: bool = True,
             swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
-        """One on_demand MoE step: acquire the routed experts, ``fused_moe`` on the cache with the
-        ``expert_map``, release. One opaque op: traces under ``torch.compile(fullgraph=True)``.
+        """One MoE step, any policy, one opaque op (traces under ``torch.compile(fullgraph=True)``):
+        on_demand/auto acquire the routed experts, ``fused_moe`` on the cache with the ``expert_map``,
+        release; full acquire the layer, ``fused_moe`` on its views, release (no ``next_layer``/
+        ``next_ids``: the ring prefetches by its own schedule).
         ``w13_bias``, ``w2_bias``, ``gated``, ``swiglu_alpha``, ``swiglu_limit``: as :func:`fused_moe`;
         the biases ``[E, ...]`` are indexed by expert id and stay where the caller keeps them (on the
         streamer's device, whole: the cache never moves them). An ungated layer's w13 is ``[E, I, H]``.

@@ -763,3 +763,32 @@ def test_streamed_moe_checks_the_biases_it_passes_on():
         # the step was released: the next one works
         out = s.moe(0, torch.randn(3, 24), weights, ids, activation="relu2", gated=False)
         assert out.shape == (3, 24)
+
+
+@pytest.mark.parametrize("mode", ["full", "sync", "uva"])
+def test_moe_is_one_op_per_step_under_policy_full(mode):
+    """moe() under policy full: acquire, fused_moe on the layer's views, release, in one op (eager and
+    compiled); a guess at the next layer's experts is refused (the ring prefetches by its own schedule)."""
+    layers = [make_layer(4, 8, 16) for _ in range(3)]
+    with WeightStreamer("cpu", slots=2, prefetch_depth=1, mode=mode) as s:
+        for w in layers:
+            s.add_layer(*w)
+
+        def forward(x, weights, ids):
+            for i in range(3):
+                x = torch.tanh(s.moe(i, x, weights, ids))
+            return x
+
+        x = torch.randn(5, 16)
+        weights, ids = topk_route(torch.randn(5, 4), 2, renormalize=True)
+        expected = x
+        for w13, w2 in layers:
+            expected = torch.tanh(fused_moe(expected, w13, w2, weights, ids))
+        for _ in range(2):  # the second pass finds its first layer prefetched by the first's wrap-around
+            torch.testing.assert_close(forward(x, weights, ids), expected)
+        torch.testing.assert_close(torch.compile(forward, fullgraph=True)(x, weights, ids), expected)
+        assert all(l["acquires"] >= 3 for l in s.stats()["layers"])
+        with pytest.raises(RuntimeError, match="only policies on_demand and auto predict"):
+            s.moe(0, x, weights, ids, next_layer=1, next_ids=ids)
+        a, _ = s.acquire(0)  # the refused step left nothing held
+        s.release(0)

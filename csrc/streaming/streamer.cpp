@@ -394,17 +394,31 @@ at::Tensor streamer_moe(int64_t handle, int64_t layer, const at::Tensor& hidden_
                             const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double,
                             double)>();
-  auto [w13, w2, expert_map] = streamer->acquire_experts(layer, topk_ids, next_layer, next_ids);
+  const bool experts = streamer->routes_experts();
+  at::Tensor w13, w2;
+  std::optional<at::Tensor> expert_map;
+  if (experts) {
+    at::Tensor map;
+    std::tie(w13, w2, map) = streamer->acquire_experts(layer, topk_ids, next_layer, next_ids);
+    expert_map = std::move(map);
+  } else {
+    // the ring runs its own schedule ahead (prefetch_depth layers); a guess at routed experts has no use there
+    TORCH_CHECK(next_layer == -1 && !(next_ids.has_value() && next_ids->defined()), "streamer_moe(", layer,
+                "): next_layer/next_ids guess at a later step's experts; only policies on_demand and auto predict "
+                "experts (this streamer has policy full)");
+    std::tie(w13, w2) = streamer->acquire(layer);
+  }
+  auto release = [&] { experts ? streamer->release_experts(layer) : streamer->release(layer); };
   at::Tensor out;
   try {
     // the biases are the caller's, whole and resident: indexed by global id, they never enter the cache
     out = fused_moe.call(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation, w13_bias, w2_bias,
                          gated, swiglu_alpha, swiglu_limit);
   } catch (...) {
-    streamer->release_experts(layer);
+    release();
     throw;
   }
-  streamer->release_experts(layer);
+  release();
   return out;
 }
 

@@ -41,6 +41,9 @@ class Streamer {
            std::optional<double> copy_gb_per_s);
   ~Streamer();  // waits for in-flight copies and pending "free" events, then frees
 
+  // The placement is expert-granular (on_demand/auto): steps go through acquire_experts.
+  bool routes_experts() const { return placement_->routes_experts(); }
+
   int64_t reserve_layer(at::IntArrayRef w13_shape, at::IntArrayRef w2_shape, at::ScalarType dtype);
   void write(int64_t layer, int64_t which, int64_t expert_start, int64_t row_offset, const at::Tensor& src);
   // The layer's host-store weights as tensors on the streamer's device that read host memory
