@@ -28,11 +28,10 @@ from . import models
 from .models import Family, MoELayer
 from .ops import fused_moe, topk_route
 from .planner import format_bytes, plan_placement
-from .streamer import EVICTIONS, IDS_PATHS, POLICIES, WeightStreamer, _check_copy_cost
+from .streamer import MODES, POLICIES, WeightStreamer, check_policy_options
 
 __all__ = ["offload", "OffloadReport", "POLICIES", "MODES"]
 
-MODES = ("full", "sync", "uva")
 EXPERTS_IMPLEMENTATION = "moe_swap"
 
 
@@ -279,23 +278,8 @@ def _check_schedule(slots, prefetch_depth) -> None:
         raise ValueError(f"prefetch_depth must be an int in [0, slots - 1] = [0, {slots - 1}], got {prefetch_depth!r}")
 
 
-def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru", ids_path: str = "host",
-                           copy_cost=None) -> None:
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)} (full: double-buffered streaming; sync: "
-                         f"copy then compute, vLLM's legacy cpu offload; uva: kernels read pinned host "
-                         f"memory), got {mode!r}")
-    if policy != "full" and mode != "full":
-        raise ValueError(f"policy={policy!r} needs mode='full' (copies on the copy engine), got mode={mode!r}")
-    if eviction not in EVICTIONS:
-        raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
-    if ids_path not in IDS_PATHS:
-        raise ValueError(f"ids_path must be one of {', '.join(IDS_PATHS)}, got {ids_path!r}")
-    if ids_path == "device" and policy == "full":
-        raise ValueError("ids_path='device' needs policy 'on_demand' or 'auto' (policy 'full' reads no ids)")
-    _check_copy_cost(copy_cost, policy)
+# offload, load and the CLI check the streamer's choices where WeightStreamer does
+_check_policy_and_mode = check_policy_options
 
 
 def check_dtype(dtype, name: str = "dtype") -> Optional[torch.dtype]:
@@ -346,13 +330,8 @@ def _offload(
     base_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers())
                      if id(t) not in expert_params)
     layer_bytes = [layer.expert_numel() * expert_element_size for layer in layers]
-    plan = plan_placement(layer_bytes, base_bytes, gpu_budget, slots, policy=policy)
-
+    plan = plan_placement(layer_bytes, base_bytes, gpu_budget, slots, policy=policy, ids_path=ids_path)
     cache_bytes = plan.cache_bytes
-    if ids_path == "device" and plan.budget is None and plan.streamed:
-        # no budget: the regions get what full's ring would (slots layers), and the host path its room for
-        # wide steps on top (see WeightStreamer's ids_path), so that the device path has regions at all
-        cache_bytes += (2 if policy == "auto" else 1) * max(layer_bytes[i] for i in plan.streamed)
     streamer = None
     if plan.streamed:
         if policy != "full":

@@ -2,6 +2,7 @@
 
   cd <checkout> && python scripts/step_ops.py            # a table: per policy, ops per layer-step
   cd <checkout> && python scripts/step_ops.py --json     # the same as JSON
+  cd <checkout> && python scripts/step_ops.py --time     # also: microseconds per layer-step (no counting)
 
 Run from a checkout's root: its moe_swap (and its built _C) is the one imported. CPU backend. A decode
 step is one token through every layer, as moe_swap.offload runs it: the model computes the routing and
@@ -14,6 +15,8 @@ import argparse
 import collections
 import json
 import os
+import statistics
+import time
 import sys
 
 sys.path.insert(0, os.getcwd())
@@ -50,7 +53,7 @@ class Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(case: str) -> dict:
+def count(case: str, time_steps: int = 0) -> dict:
     from moe_swap import WeightStreamer
     from moe_swap.ops import fused_moe
 
@@ -89,10 +92,27 @@ def count(case: str) -> dict:
                     if mode is not None:
                         mode.__exit__(None, None, None)
                 x = torch.tanh(out)
+        us = None
+        if time_steps:  # the same steps uncounted, timed: the streamer's own cost per layer-step at these tiny sizes
+            samples = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(time_steps):
+                    for layer in range(LAYERS):
+                        if kwargs["policy"] == "full" and not case.endswith(".moe"):
+                            w13, w2 = s.acquire(layer, after=[x])
+                            out = fused_moe(x, w13, w2, weights, ids)
+                            s.release(layer, after=[out])
+                        elif guess:
+                            out = s.moe(layer, x, weights, ids, next_layer=(layer + 1) % LAYERS, next_ids=next_ids)
+                        else:
+                            out = s.moe(layer, x, weights, ids)
+                samples.append((time.perf_counter() - t0) / (time_steps * LAYERS) * 1e6)
+            us = statistics.median(samples)
     own = {k: v for k, v in counter.ops.items() if k.startswith("moe_swap.")}
     other = {k: v for k, v in counter.ops.items() if not k.startswith("moe_swap.")}
     per_step = STEPS * LAYERS
-    return {"moe_swap_ops_per_layer_step": sum(own.values()) / per_step,
+    return {"us_per_layer_step": us, "moe_swap_ops_per_layer_step": sum(own.values()) / per_step,
             "other_ops_per_layer_step": sum(other.values()) / per_step,
             "moe_swap_ops": {k: v / per_step for k, v in sorted(own.items())},
             "other_ops": {k: v / per_step for k, v in sorted(other.items())}}
@@ -101,13 +121,15 @@ def count(case: str) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--time", type=int, default=0, metavar="STEPS",
+                   help="also time STEPS decode steps per case (median of 5) in microseconds per layer-step")
     args = p.parse_args()
     import moe_swap
 
     results = {}
     for case in CASES:
         try:
-            results[case] = count(case)
+            results[case] = count(case, args.time)
         except RuntimeError as e:  # a build without this way of running a step
             results[case] = {"error": str(e).splitlines()[0]}
     if args.json:
@@ -115,13 +137,14 @@ def main() -> int:
         return 0
     print(f"moe_swap from {moe_swap.__file__}; {LAYERS} layers, T=1, top_k={TOP_K}; ops per layer-step "
           f"(a decode step is {LAYERS} layer-steps)")
-    print(f"{'case':<20} {'moe_swap ops':>12} {'other ops':>10}  other ops by name")
+    print(f"{'case':<20} {'moe_swap ops':>12} {'other ops':>10} {'us/step':>8}  other ops by name")
     for case, r in results.items():
         if "error" in r:
-            print(f"{case:<20} {'n/a':>12} {'n/a':>10}  ({r['error'][:90]})")
+            print(f"{case:<20} {'n/a':>12} {'n/a':>10} {'n/a':>8}  ({r['error'][:90]})")
             continue
         names = ", ".join(f"{k.removeprefix('aten.')} {v:g}" for k, v in r["other_ops"].items())
-        print(f"{case:<20} {r['moe_swap_ops_per_layer_step']:>12g} {r['other_ops_per_layer_step']:>10g}  {names}")
+        us = f"{r['us_per_layer_step']:.1f}" if r["us_per_layer_step"] is not None else "-"
+        print(f"{case:<20} {r['moe_swap_ops_per_layer_step']:>12g} {r['other_ops_per_layer_step']:>10g} {us:>8}  {names}")
     return 0
 
 

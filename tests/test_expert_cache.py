@@ -349,8 +349,10 @@ def test_bad_inputs_raise_clearly():
         WeightStreamer("cpu", policy="on_demand", copy_cost=(1, 10))
     with pytest.raises(RuntimeError, match="must be given together"):  # the op itself checks too
         torch.ops.moe_swap.streamer_create("cpu", 2, 1, "full", False, True, "auto", 0, "lru", 1.0, None)
-    with pytest.raises(RuntimeError, match="needs mode \"full\""):
+    with pytest.raises(ValueError, match="policy='on_demand' needs mode='full'"):
         WeightStreamer("cpu", policy="on_demand", mode="sync")
+    with pytest.raises(RuntimeError, match="needs mode \"full\""):  # and the op itself
+        torch.ops.moe_swap.streamer_create("cpu", 2, 1, "sync", False, True, "on_demand")
     with WeightStreamer("cpu") as full:
         full.add_layer(*layers[0])
         with pytest.raises(RuntimeError, match="policy full; use acquire"):
