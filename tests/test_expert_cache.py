@@ -612,3 +612,17 @@ def test_on_demand_needs_no_second_ring_slot():
             out = s.moe(layer, x, weights, ids, next_layer=1 - layer, next_ids=torch.randint(0, 4, (2, 2)))
             torch.testing.assert_close(out, fused_moe(x, *layers[layer], weights, ids))
         assert s.stats()["predicted"] > 0
+
+
+def test_release_of_an_expert_step_is_refused():
+    """release() (the ring's) on a step held by acquire_experts is refused, and the step stays held
+    (the old streamer read it as a ring slot: slots_[-3], out of bounds)."""
+    layers = random_layers(2, 4)
+    with on_demand(layers, cache_experts=2) as s:
+        s.acquire_experts(0, torch.tensor([[0, 1]]))
+        with pytest.raises(RuntimeError, match=r"release\(0\): this streamer has policy on_demand/auto; use "
+                                               r"release_experts"):
+            s.release(0)
+        with pytest.raises(RuntimeError, match="policy on_demand/auto; use acquire_experts"):
+            s.acquire(1)
+        s.release_experts(0)
