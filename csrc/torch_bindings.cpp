@@ -60,16 +60,17 @@ TORCH_LIBRARY(moe_swap, m) {
 
   // ---- weight streamer (csrc/streaming; Python face moe_swap.WeightStreamer) ----
   // State lives in C++ streamers named by integer handles (see streaming/streamer.h for why).
-  // Create a streamer: mode "full" (copy engine + N-slot ring + prefetch), "sync" (baseline: vLLM
-  // legacy cpu_offload_gb) or "uva" (baseline: kernels read mapped pinned memory). The test_* knobs
-  // are for tests only: a random per-chunk copy delay (CPU backend) and the index of a copy that fails.
-  // policy "on_demand": only routed experts move, into an expert cache of cache_bytes (eviction
-  // "lru", "lfu" or "flru"); the ring is not used. policy "auto": copy_overhead_us and copy_gb_per_s
-  // set its cost model (both or neither; None: measured when the expert cache is first allocated).
+  // Create a streamer. policy "full" (the ring): mode "full" (copy engine + N-slot ring + prefetch),
+  // "sync" (baseline: vLLM legacy cpu_offload_gb) or "uva" (baseline: kernels read mapped pinned
+  // memory). policy "on_demand" (the expert cache): only routed experts move, into an expert cache of
+  // cache_bytes (eviction "lru", "lfu" or "flru"); mode must be "full", and slots/prefetch_depth only
+  // size the unused ring's checks. policy "auto": as on_demand, with a cost model that
+  // copy_overhead_us and copy_gb_per_s set (both or neither; None: measured when the expert cache is
+  // first allocated). Test hooks: moe_swap_testing::streamer_set_hooks.
   m.def(
       "streamer_create(str device, int slots=2, int prefetch_depth=1, str mode=\"full\", bool trace=False, "
-      "bool timing=True, int test_copy_delay_us=0, int test_fail_copy_at=-1, str policy=\"full\", "
-      "int cache_bytes=0, str eviction=\"lru\", float? copy_overhead_us=None, float? copy_gb_per_s=None) -> int");
+      "bool timing=True, str policy=\"full\", int cache_bytes=0, str eviction=\"lru\", "
+      "float? copy_overhead_us=None, float? copy_gb_per_s=None) -> int");
   // Destroy a streamer: waits for its in-flight copies, then frees its host store and slots.
   m.def("streamer_destroy(int handle) -> ()");
   // Allocate a layer's exact-size host storage (w13 [E,2I,H] or ungated [E,I,H], w2 [E,H,I]); returns its index. Fill with streamer_write.
@@ -79,8 +80,6 @@ TORCH_LIBRARY(moe_swap, m) {
   m.def("streamer_write(int handle, int layer, int which, int expert_start, int row_offset, Tensor src) -> ()");
   // Copy a whole layer into the host store; returns its index (the caller may free its tensors after).
   m.def("streamer_add_layer(int handle, Tensor w13, Tensor w2) -> int");
-  // Copies (CPU) of a layer's host-store weights, for checks.
-  m.def("streamer_host_copy(int handle, int layer) -> (Tensor w13, Tensor w2)");
   // A layer's host-store weights as zero-copy tensors on the streamer's device (CUDA: mapped pinned
   // memory read over PCIe), the source of expert_cache_pull; they keep the host memory alive.
   m.def("streamer_host_device_views(int handle, int layer) -> (Tensor w13, Tensor w2)");
@@ -95,15 +94,14 @@ TORCH_LIBRARY(moe_swap, m) {
   m.def("streamer_release(int handle, int layer, Tensor[] after) -> ()");
   // Host waits for every in-flight copy (tests and benchmarks; never in the steady state).
   m.def("streamer_synchronize(int handle) -> ()");
-  // Statistics: per layer int64 [L, 15] (bytes_copied, copies_issued, chunks_issued, acquires, hits,
-  // demand_copies, wait_ns, waits_timed, expert_hits, expert_misses, evictions, predicted,
-  // predicted_used, routed_distinct, ids_to_host_ns) and trace float64 [n, 5] (layer, slot, kind,
-  // start_us, end_us).
+  // Statistics: per layer int64 [L, C] (the columns streamer_stats_columns names, defined once in
+  // streaming/stats.h) and trace float64 [n, 5] (layer, slot or channel, kind 0 copy / 1 wait /
+  // 2 hold, start_us, end_us).
   m.def("streamer_stats(int handle) -> (Tensor per_layer, Tensor trace)");
+  // The names of streamer_stats' per-layer columns, in order.
+  m.def("streamer_stats_columns() -> str[]");
   // [num_layers, host_bytes, device_bytes, slot_bytes, slots, prefetch_depth, untimed_spans]
   m.def("streamer_info(int handle) -> int[]");
-  // [live streamers, live host-store bytes, live host-store blocks] in this process (leak checks).
-  m.def("streamer_live_counts() -> int[]");
   // on_demand: copy the routed experts not cached (host reads topk_ids: a sync on CUDA); returns the
   // expert cache's pool w13 [N,2I,H], w2 [N,H,I] and expert_map int32 [E] (-1: not routed), valid
   // until streamer_release_experts. next_ids (with next_layer): a guess at that layer's routing,
@@ -113,17 +111,31 @@ TORCH_LIBRARY(moe_swap, m) {
       "-> (Tensor w13, Tensor w2, Tensor expert_map)");
   // on_demand: the step's experts may be evicted once the current stream's work so far is done.
   m.def("streamer_release_experts(int handle, int layer, Tensor[] after) -> ()");
-  // on_demand, one opaque op (traces with a shape-only fake kernel): acquire_experts, fused_moe on
-  // the pool with the expert_map, release_experts. The biases and gated/swiglu options go to
-  // fused_moe as they are: the biases are indexed by global id, resident, never in the cache.
+  // One MoE step of any policy, one opaque op (traces with a shape-only fake kernel): on_demand/auto
+  // acquire_experts, fused_moe on the pool with the expert_map, release_experts; full acquire,
+  // fused_moe on the layer's views, release (next_layer/next_ids: on_demand/auto only). The biases and
+  // gated/swiglu options go to fused_moe as they are: indexed by global id, resident, never copied.
   m.def(
       "streamer_moe(int handle, int layer, Tensor hidden_states, Tensor topk_weights, Tensor topk_ids, "
       "str activation=\"silu\", int next_layer=-1, Tensor? next_ids=None, Tensor? w13_bias=None, "
       "Tensor? w2_bias=None, bool gated=True, float swiglu_alpha=1.702, float swiglu_limit=7.0) -> Tensor");
   // on_demand: start copying the experts in expert_ids (the layer's predicted routing) ahead; a hint.
   m.def("streamer_predict(int handle, int layer, Tensor expert_ids) -> ()");
-  // on_demand: ([pool slots, capacity slots, occupied slots, bytes per expert], (layer, expert) per slot [N, 2]).
+  // on_demand/auto: ([pool slots, capacity slots, occupied slots, bytes per expert, copy overhead ns,
+  // copy bytes/s] (the last two: policy auto's cost model, -1 until set or measured), (layer, expert)
+  // per pool slot int64 [N, 2], -1 empty). Policy full: no pool ([0, 0, 0, bytes per expert, -1, -1]).
   m.def("streamer_cache_state(int handle) -> (int[], Tensor)");
+}
+
+// Test hooks of the weight streamer, apart from the API (moe_swap.testing is their Python face).
+TORCH_LIBRARY(moe_swap_testing, m) {
+  // From now on: a random delay in [0, copy_delay_us] before each copied chunk (CPU backend only), and
+  // the copy with index fail_copy_at (0-based, counting every copy since creation; -1 none) fails.
+  m.def("streamer_set_hooks(int handle, int copy_delay_us=0, int fail_copy_at=-1) -> ()");
+  // Copies (CPU) of a layer's host-store weights, for checks.
+  m.def("streamer_host_copy(int handle, int layer) -> (Tensor w13, Tensor w2)");
+  // [live streamers, live host-store bytes, live host-store blocks] in this process (leak checks).
+  m.def("streamer_live_counts() -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(moe_swap, CPU, m) {
@@ -151,7 +163,6 @@ TORCH_LIBRARY_IMPL(moe_swap, CompositeExplicitAutograd, m) {
   m.impl("streamer_reserve_layer", &st::streamer_reserve_layer);
   m.impl("streamer_write", &st::streamer_write);
   m.impl("streamer_add_layer", &st::streamer_add_layer);
-  m.impl("streamer_host_copy", &st::streamer_host_copy);
   m.impl("streamer_host_device_views", &st::streamer_host_device_views);
   m.impl("streamer_set_cache_bytes", &st::streamer_set_cache_bytes);
   m.impl("streamer_acquire", &st::streamer_acquire);
@@ -159,13 +170,20 @@ TORCH_LIBRARY_IMPL(moe_swap, CompositeExplicitAutograd, m) {
   m.impl("streamer_release", &st::streamer_release);
   m.impl("streamer_synchronize", &st::streamer_synchronize);
   m.impl("streamer_stats", &st::streamer_stats);
+  m.impl("streamer_stats_columns", &st::streamer_stats_columns);
   m.impl("streamer_info", &st::streamer_info);
-  m.impl("streamer_live_counts", &st::streamer_live_counts);
   m.impl("streamer_acquire_experts", &st::streamer_acquire_experts);
   m.impl("streamer_release_experts", &st::streamer_release_experts);
   m.impl("streamer_moe", &st::streamer_moe);
   m.impl("streamer_predict", &st::streamer_predict);
   m.impl("streamer_cache_state", &st::streamer_cache_state);
+}
+
+TORCH_LIBRARY_IMPL(moe_swap_testing, CompositeExplicitAutograd, m) {
+  namespace st = moe_swap::streaming;
+  m.impl("streamer_set_hooks", &st::testing_set_hooks);
+  m.impl("streamer_host_copy", &st::testing_host_copy);
+  m.impl("streamer_live_counts", &st::testing_live_counts);
 }
 
 // `import moe_swap._C` loads this library, whose static initialisers above register the ops.

@@ -28,11 +28,10 @@ from . import models
 from .models import Family, MoELayer
 from .ops import fused_moe, topk_route
 from .planner import format_bytes, plan_placement
-from .streamer import EVICTIONS, IDS_PATHS, POLICIES, WeightStreamer, _check_copy_cost
+from .streamer import MODES, POLICIES, WeightStreamer, check_policy_options
 
 __all__ = ["offload", "OffloadReport", "POLICIES", "MODES"]
 
-MODES = ("full", "sync", "uva")
 EXPERTS_IMPLEMENTATION = "moe_swap"
 
 
@@ -190,20 +189,15 @@ class _LayerExperts:
         if self.streamer is None:
             return fused_moe(hidden, getattr(holder, self.w13_name), getattr(holder, self.w2_name),
                              weights, ids, activation=self.activation, **kwargs)
-        if self.streamer.policy != "full":
-            if self.next_router is None:
-                return self.streamer.moe(self.index, hidden, weights, ids, self.activation, **kwargs)
-            # the next layer's router on this layer's input: its likely experts copy under this layer's
-            # compute (the streamer orders them after this step's own copies)
-            logits = F.linear(hidden, self.next_router.weight.to(hidden.dtype))
-            guess = torch.topk(logits, self.next_top_k, dim=-1).indices
-            return self.streamer.moe(self.index, hidden, weights, ids, self.activation, next_layer=self.next_index,
-                                     next_ids=guess, **kwargs)
-        # `after` orders acquire after the layer's input and release after its output in a compiled graph
-        w13, w2 = self.streamer.acquire(self.index, after=[hidden])
-        out = fused_moe(hidden, w13, w2, weights, ids, activation=self.activation, **kwargs)
-        self.streamer.release(self.index, after=[out])
-        return out
+        # one op per step, every policy: acquire, fused_moe, release
+        if self.next_router is None:
+            return self.streamer.moe(self.index, hidden, weights, ids, self.activation, **kwargs)
+        # the next layer's router on this layer's input: its likely experts copy under this layer's
+        # compute (the streamer orders them after this step's own copies)
+        logits = F.linear(hidden, self.next_router.weight.to(hidden.dtype))
+        guess = torch.topk(logits, self.next_top_k, dim=-1).indices
+        return self.streamer.moe(self.index, hidden, weights, ids, self.activation, next_layer=self.next_index,
+                                 next_ids=guess, **kwargs)
 
 
 # buffers of a 5.x experts module after offload: its resident experts and its biases, in fused_moe's layout
@@ -284,23 +278,8 @@ def _check_schedule(slots, prefetch_depth) -> None:
         raise ValueError(f"prefetch_depth must be an int in [0, slots - 1] = [0, {slots - 1}], got {prefetch_depth!r}")
 
 
-def _check_policy_and_mode(policy: str, mode: str, eviction: str = "flru", ids_path: str = "host",
-                           copy_cost=None) -> None:
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)} (full: double-buffered streaming; sync: "
-                         f"copy then compute, vLLM's legacy cpu offload; uva: kernels read pinned host "
-                         f"memory), got {mode!r}")
-    if policy != "full" and mode != "full":
-        raise ValueError(f"policy={policy!r} needs mode='full' (copies on the copy engine), got mode={mode!r}")
-    if eviction not in EVICTIONS:
-        raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
-    if ids_path not in IDS_PATHS:
-        raise ValueError(f"ids_path must be one of {', '.join(IDS_PATHS)}, got {ids_path!r}")
-    if ids_path == "device" and policy == "full":
-        raise ValueError("ids_path='device' needs policy 'on_demand' or 'auto' (policy 'full' reads no ids)")
-    _check_copy_cost(copy_cost, policy)
+# offload, load and the CLI check the streamer's choices where WeightStreamer does
+_check_policy_and_mode = check_policy_options
 
 
 def check_dtype(dtype, name: str = "dtype") -> Optional[torch.dtype]:
@@ -351,13 +330,8 @@ def _offload(
     base_bytes = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers())
                      if id(t) not in expert_params)
     layer_bytes = [layer.expert_numel() * expert_element_size for layer in layers]
-    plan = plan_placement(layer_bytes, base_bytes, gpu_budget, slots, policy=policy)
-
+    plan = plan_placement(layer_bytes, base_bytes, gpu_budget, slots, policy=policy, ids_path=ids_path)
     cache_bytes = plan.cache_bytes
-    if ids_path == "device" and plan.budget is None and plan.streamed:
-        # no budget: the regions get what full's ring would (slots layers), and the host path its room for
-        # wide steps on top (see WeightStreamer's ids_path), so that the device path has regions at all
-        cache_bytes += (2 if policy == "auto" else 1) * max(layer_bytes[i] for i in plan.streamed)
     streamer = None
     if plan.streamed:
         if policy != "full":

@@ -99,6 +99,7 @@ def plan_placement(
     gpu_budget: Union[None, int, str] = None,
     slots: int = 2,
     policy: str = "full",
+    ids_path: str = "host",
 ) -> Plan:
     """Decide which MoE layers stay resident and which are streamed.
 
@@ -114,6 +115,8 @@ def plan_placement(
             for one step's working set -- at most one whole layer (a prefill touches every expert) --
             instead of ``slots`` layers, and every byte left over goes to the expert cache; with no
             budget the cache gets the bytes that ``full`` would give the ring (``slots`` layers).
+        ids_path: ``"device"``: with no budget the cache also gets the host path's room for wide steps
+            (see :func:`split_device_cache`), so that the device regions get ``slots`` layers' bytes.
 
     The fewest layers are streamed that make the rest fit; they are spread evenly. A budget that
     holds every expert streams nothing (with a warning); one too small for the non-expert weights
@@ -137,7 +140,9 @@ def plan_placement(
 
     if gpu_budget is None:
         if on_demand:
-            return Plan([], list(range(num_layers)), 0, 0, base_bytes, 0, None, cache_bytes=slots * max(layer_bytes))
+            host_room = host_path_room(policy, max(layer_bytes)) if ids_path == "device" else 0
+            return Plan([], list(range(num_layers)), 0, 0, base_bytes, 0, None,
+                        cache_bytes=slots * max(layer_bytes) + host_room)
         return Plan([], list(range(num_layers)), slots, max(layer_bytes), base_bytes, 0, None)
 
     budget = parse_bytes(gpu_budget)
@@ -170,3 +175,20 @@ def plan_placement(
                             cache_bytes=budget - base_bytes - resident_bytes)
             return Plan(resident, streamed, slots, slot_bytes, base_bytes, resident_bytes, budget)
     raise AssertionError("streaming every layer fits by the minimum check above")
+
+
+def host_path_room(policy: str, largest_layer_bytes: int) -> int:
+    """ids_path="device": the bytes the host path keeps for wide steps (a prefill): one layer, two under
+    auto (its double buffering)."""
+    return (2 if policy == "auto" else 1) * largest_layer_bytes
+
+
+def split_device_cache(cache_bytes: int, policy: str, layer_experts: Sequence[int],
+                       expert_bytes: Sequence[int]) -> tuple[int, list[int]]:
+    """ids_path="device": the expert cache's split, ``(host_bytes, region_slots)``: the host path first
+    gets its room for wide steps (at most ``cache_bytes``), the rest is divided evenly over the layers,
+    each layer's region ``min(E, its share // bytes per expert)`` slots (0: no region)."""
+    largest = max(e * b for e, b in zip(layer_experts, expert_bytes))
+    host_bytes = min(cache_bytes, host_path_room(policy, largest))
+    share = (cache_bytes - host_bytes) // len(layer_experts)
+    return host_bytes, [min(e, share // b) for e, b in zip(layer_experts, expert_bytes)]

@@ -31,16 +31,18 @@ import torch
 from torch import Tensor
 
 from .ops import check_same_device
+from .planner import split_device_cache
 
 __all__ = ["WeightStreamer"]
 
 # Per streamer handle: [(w13_shape, w2_shape, dtype, device)] per layer, for the fake kernels.
 _LAYER_META: dict[int, list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]]] = {}
 
-_STATS_COLUMNS = ("bytes_copied", "copies_issued", "chunks_issued", "acquires", "hits", "demand_copies",
-                  "wait_ns", "waits_timed", "expert_hits", "expert_misses", "evictions", "predicted",
-                  "predicted_used", "routed_distinct", "ids_to_host_ns", "layer_copies")
+# streamer_stats' per-layer columns, as the library defines them (csrc/streaming/stats.h)
+_STATS_COLUMNS = tuple(torch.ops.moe_swap.streamer_stats_columns())
+# The one list of each choice (the C++ side parses the same names; offload, load and the CLI check here).
 POLICIES = ("full", "on_demand", "auto")
+MODES = ("full", "sync", "uva")
 EVICTIONS = ("lru", "lfu", "flru")
 IDS_PATHS = ("host", "device")
 _SPAN_KINDS = ("copy", "wait", "hold")
@@ -71,12 +73,6 @@ def _acquire_fake(handle, layer, after):
     w13_shape, w2_shape, dtype, device = _layer_meta("acquire", handle, layer)
     _check_after("acquire", after)
     return torch.empty(w13_shape, dtype=dtype, device=device), torch.empty(w2_shape, dtype=dtype, device=device)
-
-
-@torch.library.register_fake("moe_swap::streamer_host_copy")
-def _host_copy_fake(handle, layer):
-    w13_shape, w2_shape, dtype, _ = _layer_meta("host_copy", handle, layer)
-    return torch.empty(w13_shape, dtype=dtype), torch.empty(w2_shape, dtype=dtype)
 
 
 @torch.library.register_fake("moe_swap::streamer_release")
@@ -139,10 +135,6 @@ class WeightStreamer:
         trace: record copy / wait / hold spans per layer (``stats()["trace"]``), for timelines.
         timing: time the compute stream's waits on copies (CUDA events, read lazily in ``stats()``).
             Turn off to capture the forward in a CUDA graph.
-        test_copy_delay_us: FOR TESTS, CPU backend only: a random delay in ``[0, this]`` microseconds
-            before each copied chunk.
-        test_fail_copy_at: FOR TESTS: the copy with this index (0-based, counting every layer copy)
-            fails; the error surfaces at the acquire of that layer.
         policy: ``"full"`` (whole layers through the ring) or ``"on_demand"``: only the experts the
             batch routed to move, into an expert cache (a pool of expert-sized device slots shared by
             every layer), and :meth:`moe` runs ``fused_moe`` on the pool with an ``expert_map``.
@@ -192,8 +184,8 @@ class WeightStreamer:
     """
 
     def __init__(self, device: Union[str, torch.device] = "cuda", slots: int = 2, prefetch_depth: int = 1,
-                 mode: str = "full", *, trace: bool = False, timing: bool = True, test_copy_delay_us: int = 0,
-                 test_fail_copy_at: int = -1, policy: str = "full", cache_bytes: int = 0,
+                 mode: str = "full", *, trace: bool = False, timing: bool = True, policy: str = "full",
+                 cache_bytes: int = 0,
                  eviction: str = "flru", ids_path: str = "host",
                  copy_cost: Optional[tuple[float, float]] = None) -> None:
         self._handle: Optional[int] = None
@@ -205,26 +197,11 @@ class WeightStreamer:
                 dev = torch.device("cuda", torch.cuda.current_device())
         elif dev.type != "cpu":
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {str(device)!r}")
-        if mode not in ("full", "sync", "uva"):
-            raise ValueError(f"mode must be 'full', 'sync' or 'uva', got {mode!r}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        if eviction not in EVICTIONS:
-            raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+        overhead_us, gb_per_s = check_policy_options(policy, mode, eviction, ids_path, copy_cost)
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
         _check_int64("cache_bytes", cache_bytes)
         slots, prefetch_depth = _check_int64("slots", slots), _check_int64("prefetch_depth", prefetch_depth)
-        test_copy_delay_us = _check_int64("test_copy_delay_us", test_copy_delay_us)
-        if not 0 <= test_copy_delay_us <= 1_000_000:  # a larger one would park the copy thread for ages
-            raise ValueError(f"test_copy_delay_us must be in [0, 1000000] (microseconds), got {test_copy_delay_us}")
-        test_fail_copy_at = _check_int64("test_fail_copy_at", test_fail_copy_at)
-        if ids_path not in IDS_PATHS:
-            raise ValueError(f"ids_path must be one of {', '.join(IDS_PATHS)}, got {ids_path!r}")
-        if ids_path == "device" and policy == "full":
-            raise ValueError("ids_path='device' needs policy 'on_demand' or 'auto' (policy 'full' moves whole "
-                             "layers and reads no ids)")
-        overhead_us, gb_per_s = _check_copy_cost(copy_cost, policy)
         self.policy = policy
         self.ids_path = ids_path
         self.cache_bytes = cache_bytes
@@ -237,9 +214,8 @@ class WeightStreamer:
         self.slots = slots
         self.prefetch_depth = prefetch_depth
         self._handle = torch.ops.moe_swap.streamer_create(
-            str(dev), slots, prefetch_depth, mode, bool(trace), bool(timing), test_copy_delay_us,
-            test_fail_copy_at, policy, 0 if ids_path == "device" else cache_bytes, eviction, overhead_us,
-            gb_per_s)
+            str(dev), slots, prefetch_depth, mode, bool(trace), bool(timing), policy,
+            0 if ids_path == "device" else cache_bytes, eviction, overhead_us, gb_per_s)
         _LAYER_META[self._handle] = []
 
     # ---- lifetime ----
@@ -419,10 +395,6 @@ class WeightStreamer:
         """Host waits for every copy in flight (tests, benchmarks; never needed in a forward)."""
         torch.ops.moe_swap.streamer_synchronize(self.handle)
 
-    def host_tensors(self, layer: int) -> tuple[Tensor, Tensor]:
-        """CPU copies of the layer's weights as held in the host store."""
-        return torch.ops.moe_swap.streamer_host_copy(self.handle, layer)
-
     # ---- policy on_demand ----
     def acquire_experts(self, layer: int, topk_ids: Tensor, next_layer: Optional[int] = None,
                         next_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -444,8 +416,10 @@ class WeightStreamer:
             activation: str = "silu", next_layer: Optional[int] = None, next_ids: Optional[Tensor] = None, *,
             w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None, gated: bool = True,
             swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
-        """One on_demand MoE step: acquire the routed experts, ``fused_moe`` on the cache with the
-        ``expert_map``, release. One opaque op: traces under ``torch.compile(fullgraph=True)``.
+        """One MoE step, any policy, one opaque op (traces under ``torch.compile(fullgraph=True)``):
+        on_demand/auto acquire the routed experts, ``fused_moe`` on the cache with the ``expert_map``,
+        release; full acquire the layer, ``fused_moe`` on its views, release (no ``next_layer``/
+        ``next_ids``: the ring prefetches by its own schedule).
         ``w13_bias``, ``w2_bias``, ``gated``, ``swiglu_alpha``, ``swiglu_limit``: as :func:`fused_moe`;
         the biases ``[E, ...]`` are indexed by expert id and stay where the caller keeps them (on the
         streamer's device, whole: the cache never moves them). An ungated layer's w13 is ``[E, I, H]``.
@@ -525,14 +499,12 @@ class WeightStreamer:
         if not meta:
             raise RuntimeError("prepare_device_cache(): the streamer has no layers; add_layer first")
         expert_bytes = [(math.prod(a[1:]) + math.prod(b[1:])) * dtype.itemsize for a, b, dtype, _ in meta]
-        largest_layer = max(shape[0] * e for (shape, _, _, _), e in zip(meta, expert_bytes))
-        host_room = min(self.cache_bytes, (2 if self.policy == "auto" else 1) * largest_layer)
+        host_room, region_slots = split_device_cache(self.cache_bytes, self.policy, [a[0] for a, _, _, _ in meta],
+                                                     expert_bytes)
         torch.ops.moe_swap.streamer_set_cache_bytes(self.handle, host_room)
-        share = (self.cache_bytes - host_room) // len(meta)
         side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # for predictions
         regions: list[Optional[_DeviceRegion]] = []
-        for layer, (w13_shape, w2_shape, dtype, _) in enumerate(meta):
-            slots = min(w13_shape[0], share // expert_bytes[layer])
+        for layer, slots in enumerate(region_slots):
             regions.append(_DeviceRegion(self.handle, layer, slots, self.device, side_stream) if slots > 0 else None)
         self._regions = regions
         self._wide_steps = [0] * len(regions)  # steps that took the host path (too wide for the region)
@@ -774,6 +746,28 @@ def _check_int64(name: str, value) -> int:
     return value
 
 
+def check_policy_options(policy: str, mode: str, eviction: str = "flru", ids_path: str = "host",
+                         copy_cost=None) -> tuple[Optional[float], Optional[float]]:
+    """The streamer's choices, checked once for every entry point (WeightStreamer, offload, load, the CLI);
+    returns ``copy_cost`` as (overhead_us, gb_per_s), both None when it is None."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)} (full: double-buffered streaming; sync: "
+                         f"copy then compute, vLLM's legacy cpu offload; uva: kernels read pinned host "
+                         f"memory), got {mode!r}")
+    if policy != "full" and mode != "full":
+        raise ValueError(f"policy={policy!r} needs mode='full' (copies on the copy engine), got mode={mode!r}")
+    if eviction not in EVICTIONS:
+        raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+    if ids_path not in IDS_PATHS:
+        raise ValueError(f"ids_path must be one of {', '.join(IDS_PATHS)}, got {ids_path!r}")
+    if ids_path == "device" and policy == "full":
+        raise ValueError("ids_path='device' needs policy 'on_demand' or 'auto' (policy 'full' moves whole "
+                         "layers and reads no ids)")
+    return _check_copy_cost(copy_cost, policy)
+
+
 def _check_copy_cost(copy_cost, policy: str) -> tuple[Optional[float], Optional[float]]:
     """``copy_cost`` -> (overhead_us, gb_per_s), both None when it is None."""
     if copy_cost is None:
@@ -793,24 +787,17 @@ def _check_copy_cost(copy_cost, policy: str) -> tuple[Optional[float], Optional[
     return overhead_us, gb_per_s
 
 
-def live_counts() -> dict:
-    """Process-wide: live streamers, live host-store bytes and blocks (for leak checks)."""
-    streamers, host_bytes, host_blocks = torch.ops.moe_swap.streamer_live_counts()
-    return {"streamers": streamers, "host_bytes": host_bytes, "host_blocks": host_blocks}
-
-
 # ---- safetensors through a memory map ----
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# What load_safetensors takes into the host store: floating and signed integer experts (and raw bytes).
+_READER_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U8")
+# The one safetensors dtype table (the loader reads through it too); each reader decides what it accepts.
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
+    "U64": torch.uint64, "F64": torch.float64,
 }
-
-
-# bytes per element of every safetensors dtype code (readers still decide which codes they support)
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def read_safetensors_header(path) -> tuple[int, dict[str, dict]]:
@@ -848,7 +835,8 @@ def read_safetensors_header(path) -> tuple[int, dict[str, dict]]:
                 or not 0 <= offsets[0] <= offsets[1] <= data_len):
             raise ValueError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end <= {data_len} "
                              f"(the file's data bytes), got {offsets!r}")
-        itemsize = _ST_ITEMSIZE.get(meta["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+        itemsize = dtype.itemsize if dtype is not None else None
         if itemsize is not None and offsets[1] - offsets[0] != math.prod(shape) * itemsize:
             raise ValueError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape {shape} "
                              f"of {meta['dtype']} needs {math.prod(shape) * itemsize}")
@@ -890,9 +878,9 @@ class _SafetensorsReader:
 
     def dtype(self, name: str) -> torch.dtype:
         code = self._meta(name)[1]["dtype"]
-        if code not in _ST_DTYPES:
+        if code not in _READER_CODES:
             raise ValueError(f"tensor {name!r} has safetensors dtype {code}, not supported")
-        return _ST_DTYPES[code]
+        return SAFETENSORS_DTYPES[code]
 
     def nbytes(self, name: str) -> int:
         begin, end = self._meta(name)[1]["data_offsets"]

@@ -29,6 +29,7 @@ import torch
 import moe_swap
 from moe_swap import WeightStreamer, reference
 from moe_swap.ops import expert_cache_pull
+from moe_swap.testing import host_tensors, set_hooks
 
 ANY_ERROR = (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError)
 INT32_MAX, INT64_MAX, INT64_MIN = 2**31 - 1, 2**63 - 1, -2**63
@@ -548,34 +549,41 @@ for _name, _kwargs, _match in [
     ("cache_bytes_float", dict(policy="on_demand", cache_bytes=1024.0), "cache_bytes must be an int"),
     ("cache_bytes_none", dict(policy="on_demand", cache_bytes=None), "cache_bytes must be an int"),
     ("prefetch_int64_min", dict(prefetch_depth=INT64_MIN), r"prefetch_depth must be in \[0, slots - 1\]"),
-    ("test_copy_delay_-1", dict(test_copy_delay_us=INT64_MIN), r"test_copy_delay_us must be in \[0, 1000000\]"),
-    ("test_copy_delay_huge", dict(test_copy_delay_us=INT64_MAX), r"test_copy_delay_us must be in \[0, 1000000\]"),
     ("mode_none", dict(mode=None), "mode must be"),
     ("policy_none", dict(policy=None), "policy must be one of"),
     ("policy_upper", dict(policy="FULL"), "policy must be one of"),
     ("eviction_none", dict(policy="on_demand", eviction=None), "eviction must be one of"),
     ("ids_path_none", dict(policy="on_demand", ids_path=None), "ids_path must be one of"),
-    ("on_demand_one_slot", dict(policy="on_demand", slots=1, prefetch_depth=0), "need slots >= 2"),
     ("copy_cost_nan", dict(policy="auto", copy_cost=(float("nan"), 1.0)), "overhead_us"),
     ("copy_cost_str", dict(policy="auto", copy_cost="10,25"), "copy_cost must be"),
     ("copy_cost_bools", dict(policy="auto", copy_cost=(True, 1.0)), "copy_cost must be"),
 ]:
     ctor_bad(_name, _kwargs, _match)
 for _name, _kwargs in [("slots_float", dict(slots=2.5)), ("slots_str", dict(slots="3")), ("slots_bool", dict(slots=True)),
-                       ("slots_none", dict(slots=None)), ("prefetch_float", dict(prefetch_depth=0.5)),
-                       ("test_fail_copy_at_float", dict(test_fail_copy_at=1.5))]:
-    ctor_bad(_name, _kwargs, _name.split("_")[0] if not _name.startswith("test") else "test_fail_copy_at", TypeError)
+                       ("slots_none", dict(slots=None)), ("prefetch_float", dict(prefetch_depth=0.5))]:
+    ctor_bad(_name, _kwargs, _name.split("_")[0], TypeError)
+def _set_hooks_on_a_fresh_streamer(**hooks):
+    with WeightStreamer("cpu") as s:
+        set_hooks(s, **hooks)
+
+
+# the test hooks (moe_swap.testing) check their arguments as the constructor does
+for _name, _kwargs, _match, _raises in [
+        ("copy_delay_-1", dict(copy_delay_us=INT64_MIN), r"test_copy_delay_us must be in \[0, 1000000\]", ValueError),
+        ("copy_delay_huge", dict(copy_delay_us=INT64_MAX), r"test_copy_delay_us must be in \[0, 1000000\]", ValueError),
+        ("fail_copy_at_float", dict(fail_copy_at=1.5), "fail_copy_at must be an int", TypeError)]:
+    bad(f"testing.set_hooks/{_name}", lambda k=_kwargs: _set_hooks_on_a_fresh_streamer(**k), _match, _raises)
 for _device, _match, _raises in [("meta", "device must be", ValueError), ("tpu", "(?i)device", ANY_ERROR),
                                  ("", "(?i)device", ANY_ERROR), ("cuda:-1", "(?i)device", ANY_ERROR)]:
     bad(f"WeightStreamer()/device_{_device or 'empty'}", lambda d=_device: WeightStreamer(d).close(), _match, _raises)
-bad("streamer_create/device_garbage", lambda: torch.ops.moe_swap.streamer_create("cpu:x:y", 2, 1, "full", False, True, 0, -1),
+bad("streamer_create/device_garbage", lambda: torch.ops.moe_swap.streamer_create("cpu:x:y", 2, 1, "full", False, True),
     "device must be")
 bad("streamer_create/eviction_garbage", lambda: torch.ops.moe_swap.streamer_create(
-    "cpu", 2, 1, "full", False, True, 0, -1, "on_demand", 0, "mru"), "eviction must be")
+    "cpu", 2, 1, "full", False, True, "on_demand", 0, "mru"), "eviction must be")
 bad("streamer_create/copy_cost_negative", lambda: torch.ops.moe_swap.streamer_create(
-    "cpu", 2, 1, "full", False, True, 0, -1, "auto", 0, "lru", -1.0, 1.0), "copy_overhead_us must be a finite number >= 0")
+    "cpu", 2, 1, "full", False, True, "auto", 0, "lru", -1.0, 1.0), "copy_overhead_us must be a finite number >= 0")
 bad("streamer_create/copy_gb_inf", lambda: torch.ops.moe_swap.streamer_create(
-    "cpu", 2, 1, "full", False, True, 0, -1, "auto", 0, "lru", 1.0, float("inf")), "copy_gb_per_s must be a finite number > 0")
+    "cpu", 2, 1, "full", False, True, "auto", 0, "lru", 1.0, float("inf")), "copy_gb_per_s must be a finite number > 0")
 
 
 # ---------------------------------------------------------------- WeightStreamer: methods
@@ -612,13 +620,13 @@ def _still_works(s):
         return
     if s.policy == "full":
         w13, w2 = s.acquire(0)
-        host13, host2 = s.host_tensors(0)
+        host13, host2 = host_tensors(s, 0)
         assert torch.equal(w13, host13) and torch.equal(w2, host2)
         s.release(0)
     else:
         x, w = torch.randn(3, 8), torch.rand(3, 2)
         ids = torch.tensor([[0, 1], [2, 3], [1, 0]], dtype=torch.int32)
-        host13, host2 = s.host_tensors(0)
+        host13, host2 = host_tensors(s, 0)
         torch.testing.assert_close(s.moe(0, x, w, ids), moe_swap.fused_moe(x, host13, host2, w, ids))
 
 
@@ -632,7 +640,7 @@ def st_good(name, call, **kwargs):
 
 for _layer in (-1, 2, INT64_MAX, INT64_MIN):
     for _method, _call in [("acquire", lambda s, l: s.acquire(l)), ("release", lambda s, l: s.release(l)),
-                           ("prefetch", lambda s, l: s.prefetch(l)), ("host_tensors", lambda s, l: s.host_tensors(l)),
+                           ("prefetch", lambda s, l: s.prefetch(l)), ("host_tensors", lambda s, l: host_tensors(s, l)),
                            ("write", lambda s, l: s.write(l, "w2", torch.zeros(8, 6)))]:
         st_bad(f"{_method}_layer_{_layer}", lambda s, c=_call, l=_layer: c(s, l),
                rf"layer must be in \[0, 2\), got {_layer}")
@@ -752,7 +760,7 @@ for _policy in ("on_demand", "auto"):
         torch.ops.moe_swap.streamer_set_cache_bytes(s.handle, 10)), "already allocated", policy=_policy)
 
     def _moe_odd_inputs(s):
-        h13, h2 = s.host_tensors(1)
+        h13, h2 = host_tensors(s, 1)
         for T, k, ids in [(0, 2, torch.zeros(0, 2, dtype=torch.int32)), (3, 1, torch.tensor([[3], [3], [3]])),
                           (4, 2, transposed(torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0]]))),
                           (5, 3, torch.tensor([[1, 2, 1]]).expand(5, 3))]:
@@ -806,7 +814,7 @@ def _threads_share_a_streamer(policy):
     another closes it: each call either works or raises (already acquired, ring exhausted, closed
     handle); the process survives and nothing stays alive after the close."""
     import threading
-    from moe_swap.streamer import live_counts
+    from moe_swap.testing import live_counts
     before = live_counts()
     s = streamer(policy, layers=4, slots=2, **({"cache_bytes": 3 * 4 * 96 * 4} if policy != "full" else {}))
     handle, errors, stop = s.handle, [], threading.Event()
@@ -974,7 +982,7 @@ class _StreamerModel:
             self.s.cache_state()
         elif op == 8 and L:  # the host store holds exactly what was written
             if self.complete(layer % L):
-                h13, h2 = self.s.host_tensors(layer % L)
+                h13, h2 = host_tensors(self.s, layer % L)
                 assert torch.equal(h13, self.w[layer % L][0]) and torch.equal(h2, self.w[layer % L][1])
 
 
@@ -1010,7 +1018,7 @@ _RAW_OPS = {
     "streamer_reserve_layer": lambda h: torch.ops.moe_swap.streamer_reserve_layer(h, [2, 4, 4], [2, 4, 2], torch.float32),
     "streamer_write": lambda h: torch.ops.moe_swap.streamer_write(h, 0, 0, 0, 0, torch.zeros(4, 4)),
     "streamer_add_layer": lambda h: torch.ops.moe_swap.streamer_add_layer(h, *layer()),
-    "streamer_host_copy": lambda h: torch.ops.moe_swap.streamer_host_copy(h, 0),
+    "streamer_host_copy": lambda h: torch.ops.moe_swap_testing.streamer_host_copy(h, 0),
     "streamer_host_device_views": lambda h: torch.ops.moe_swap.streamer_host_device_views(h, 0),
     "streamer_set_cache_bytes": lambda h: torch.ops.moe_swap.streamer_set_cache_bytes(h, 0),
     "streamer_acquire": lambda h: torch.ops.moe_swap.streamer_acquire(h, 0, []),
@@ -1216,7 +1224,7 @@ def test_every_entry_point_is_covered():
     # the rest are exercised through their Python faces (WeightStreamer methods)
     through_python = {"streamer_create", "streamer_acquire", "streamer_release", "streamer_prefetch", "streamer_write",
                       "streamer_reserve_layer", "streamer_host_copy", "streamer_acquire_experts", "streamer_moe",
-                      "streamer_release_experts", "streamer_predict", "streamer_set_cache_bytes", "streamer_live_counts",
+                      "streamer_release_experts", "streamer_predict", "streamer_set_cache_bytes", "streamer_stats_columns",
                       "set_debug", "debug_enabled", "streamer_stats", "streamer_info", "streamer_cache_state"}
     missing = ops - covered - through_python
     assert not missing, f"no bad-input cases for {sorted(missing)}"
@@ -1351,7 +1359,7 @@ def _rss() -> int:
 
 
 def _leak_child(rounds: int) -> None:
-    from moe_swap.streamer import live_counts
+    from moe_swap.testing import live_counts
     for _ in range(5):  # warm up: allocator caches, thread pools, lazily loaded code
         _leak_round()
     counts = live_counts()

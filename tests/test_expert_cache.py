@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import moe_swap
 from moe_swap import WeightStreamer
+from moe_swap.testing import set_hooks
 from moe_swap.ops import fused_moe, topk_route
 
 
@@ -19,10 +20,12 @@ def random_layers(num_layers, experts, inter=8, hidden=16, dtype=torch.float32):
             for _ in range(num_layers)]
 
 
-def on_demand(layers, cache_experts=0, eviction="lru", policy="on_demand", **kwargs):
+def on_demand(layers, cache_experts=0, eviction="lru", policy="on_demand", copy_delay_us=0, fail_copy_at=-1,
+              **kwargs):
     w13, w2 = layers[0]
     expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
     s = WeightStreamer("cpu", policy=policy, cache_bytes=cache_experts * expert_bytes, eviction=eviction, **kwargs)
+    set_hooks(s, copy_delay_us=copy_delay_us, fail_copy_at=fail_copy_at)
     for a, b in layers:
         s.add_layer(a, b)
     return s
@@ -102,7 +105,7 @@ def test_every_expert_used_in_a_step_holds_that_experts_weights(experts, top_k, 
     layers = [(torch.randn(experts, 4, 8, generator=gen), torch.randn(experts, 8, 2, generator=gen))
               for _ in range(num_layers)]
     sums = [[(checksum(w13[e]), checksum(w2[e])) for e in range(experts)] for w13, w2 in layers]
-    with on_demand(layers, cache_experts, eviction, policy, test_copy_delay_us=delay) as s:
+    with on_demand(layers, cache_experts, eviction, policy, copy_delay_us=delay) as s:
         for step in range(8):
             for layer in range(num_layers):
                 tokens = int(torch.randint(1, 5, (1,), generator=gen))
@@ -218,7 +221,7 @@ def test_a_guess_given_with_the_step_copies_after_the_steps_own_experts():
     for combined in (True, False):
         # 10 ms per copy: the guess's three copies outlast a descheduled compute thread on a loaded machine
         # (with 2 ms the wait's end was once seen 4.6 ms after them, under load 6 on 2 cores)
-        with on_demand(layers, cache_experts=8, trace=True, test_copy_delay_us=10000) as s:
+        with on_demand(layers, cache_experts=8, trace=True, copy_delay_us=10000) as s:
             x, weights = torch.randn(1, 16), torch.rand(1, 2)
             s.moe(0, x, weights, torch.tensor([[0, 3]], dtype=torch.int32))  # allocates the pool
             s.synchronize()
@@ -270,7 +273,7 @@ def test_a_guess_with_the_step_is_checked_before_the_step_changes_anything():
 
 def test_a_failed_copy_raises_and_the_next_step_recovers():
     layers = random_layers(1, 4)
-    with on_demand(layers, cache_experts=4, test_fail_copy_at=0) as s:
+    with on_demand(layers, cache_experts=4, fail_copy_at=0) as s:
         x = torch.randn(2, 16)
         weights, ids = route(2, 4, 2)
         with pytest.raises(RuntimeError, match="injected copy fault"):
@@ -345,9 +348,11 @@ def test_bad_inputs_raise_clearly():
     with pytest.raises(ValueError, match="copy_cost is the cost model of policy 'auto'; got it with policy 'on_demand'"):
         WeightStreamer("cpu", policy="on_demand", copy_cost=(1, 10))
     with pytest.raises(RuntimeError, match="must be given together"):  # the op itself checks too
-        torch.ops.moe_swap.streamer_create("cpu", 2, 1, "full", False, True, 0, -1, "auto", 0, "lru", 1.0, None)
-    with pytest.raises(RuntimeError, match="needs mode \"full\""):
+        torch.ops.moe_swap.streamer_create("cpu", 2, 1, "full", False, True, "auto", 0, "lru", 1.0, None)
+    with pytest.raises(ValueError, match="policy='on_demand' needs mode='full'"):
         WeightStreamer("cpu", policy="on_demand", mode="sync")
+    with pytest.raises(RuntimeError, match="needs mode \"full\""):  # and the op itself
+        torch.ops.moe_swap.streamer_create("cpu", 2, 1, "sync", False, True, "on_demand")
     with WeightStreamer("cpu") as full:
         full.add_layer(*layers[0])
         with pytest.raises(RuntimeError, match="policy full; use acquire"):
@@ -438,7 +443,7 @@ def test_auto_wide_steps_copy_the_next_layer_ahead(num_layers):
     experts = 8
     layers = random_layers(num_layers, experts)
     sums = [[(checksum(w13[e]), checksum(w2[e])) for e in range(experts)] for w13, w2 in layers]
-    with on_demand(layers, cache_experts=2 * experts, policy="auto", copy_cost=SLOW_LINK, test_copy_delay_us=30) as s:
+    with on_demand(layers, cache_experts=2 * experts, policy="auto", copy_cost=SLOW_LINK, copy_delay_us=30) as s:
         x = torch.randn(16, 16)
         weights = torch.rand(16, 2)
         for step in range(3):
@@ -466,7 +471,7 @@ def test_auto_wide_step_copies_the_next_layer_under_this_layers_compute():
     layers = random_layers(3, experts, inter=64, hidden=128)
     # 96 KiB experts, 10 us per copy, 0.1 GB/s: the whole layer (7.9 ms) beats 8 missing experts (8.0 ms)
     with on_demand(layers, cache_experts=2 * experts, policy="auto", copy_cost=SLOW_LINK, trace=True,
-                   test_copy_delay_us=20000) as s:
+                   copy_delay_us=20000) as s:
         x = torch.randn(16, 128)
         weights = torch.rand(16, 2)
         ids = torch.arange(32, dtype=torch.int32).view(16, 2) % experts
@@ -589,3 +594,35 @@ def test_steps_queued_back_to_back_on_cuda_compute_the_same_cuda(policy):
     assert stats["expert_misses"] > 0 and stats["predicted"] > 0
     if policy == "auto":
         assert stats["layer_copies"] > 0
+
+
+def test_on_demand_needs_no_second_ring_slot():
+    """The expert cache copies on its own two channels (demand, ahead), not on ring slots: one slot (and
+    prefetch_depth 0) is enough, with predictions on."""
+    layers = random_layers(2, 4)
+    w13, w2 = layers[0]
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    with WeightStreamer("cpu", slots=1, prefetch_depth=0, policy="on_demand", cache_bytes=3 * expert_bytes) as s:
+        for a, b in layers:
+            s.add_layer(a, b)
+        for step in range(6):
+            layer = step % 2
+            x = torch.randn(2, 16)
+            weights, ids = route(2, 4, 2)
+            out = s.moe(layer, x, weights, ids, next_layer=1 - layer, next_ids=torch.randint(0, 4, (2, 2)))
+            torch.testing.assert_close(out, fused_moe(x, *layers[layer], weights, ids))
+        assert s.stats()["predicted"] > 0
+
+
+def test_release_of_an_expert_step_is_refused():
+    """release() (the ring's) on a step held by acquire_experts is refused, and the step stays held
+    (the old streamer read it as a ring slot: slots_[-3], out of bounds)."""
+    layers = random_layers(2, 4)
+    with on_demand(layers, cache_experts=2) as s:
+        s.acquire_experts(0, torch.tensor([[0, 1]]))
+        with pytest.raises(RuntimeError, match=r"release\(0\): this streamer has policy on_demand/auto; use "
+                                               r"release_experts"):
+            s.release(0)
+        with pytest.raises(RuntimeError, match="policy on_demand/auto; use acquire_experts"):
+            s.acquire(1)
+        s.release_experts(0)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moe_swap.planner import Plan, format_bytes, parse_bytes, plan_placement, spread
+from moe_swap.planner import Plan, format_bytes, parse_bytes, plan_placement, split_device_cache, spread
 
 MiB = 2**20
 GiB = 2**30
@@ -151,3 +151,15 @@ def test_no_moe_layers_warns():
 
 def test_plan_is_a_plan():
     assert isinstance(plan_placement([1], 0), Plan)
+
+
+def test_device_cache_split_is_computed_in_one_place():
+    # the host path keeps one layer (two under auto) for wide steps, the rest is split evenly, capped at E
+    assert split_device_cache(1000, "on_demand", [4, 4], [10, 10]) == (40, [4, 4])
+    assert split_device_cache(200, "on_demand", [8, 8], [10, 10]) == (80, [6, 6])
+    assert split_device_cache(200, "auto", [8, 8], [10, 10]) == (160, [2, 2])
+    assert split_device_cache(50, "auto", [8, 8], [10, 10]) == (50, [0, 0])  # no room left for regions
+    # with no budget the plan gives the device path the host room on top of the ring's bytes
+    host = plan_placement([100] * 3, 0, None, slots=2, policy="on_demand", ids_path="host")
+    device = plan_placement([100] * 3, 0, None, slots=2, policy="auto", ids_path="device")
+    assert (host.cache_bytes, device.cache_bytes) == (200, 400)

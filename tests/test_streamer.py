@@ -16,7 +16,7 @@ import torch
 
 import moe_swap
 from moe_swap import WeightStreamer, fused_moe, reference, topk_route
-from moe_swap.streamer import live_counts
+from moe_swap.testing import host_tensors, live_counts, set_hooks
 
 from conftest import DEVICES, requires_cuda
 
@@ -77,7 +77,7 @@ def test_round_trip_matches_originals(device, mode, slots, depth, num_layers):
         if mode == "sync":  # the legacy baseline copies every layer on every acquire
             assert st["copies_issued"] == passes * num_layers
         for i, (w13, w2) in enumerate(layers):
-            h13, h2 = s.host_tensors(i)
+            h13, h2 = host_tensors(s, i)
             assert torch.equal(h13, w13) and torch.equal(h2, w2)
 
 
@@ -225,7 +225,7 @@ def streamer3():
 
 @pytest.mark.parametrize("layer", [-1, 3, 1 << 40])
 def test_layer_out_of_range(streamer3, layer):
-    for op in (streamer3.acquire, streamer3.release, streamer3.prefetch, streamer3.host_tensors):
+    for op in (streamer3.acquire, streamer3.release, streamer3.prefetch, lambda l: host_tensors(streamer3, l)):
         with pytest.raises(RuntimeError, match=r"layer must be in \[0, 3\)"):
             op(layer)
     with pytest.raises(RuntimeError, match=r"layer must be in \[0, 3\)"):
@@ -351,18 +351,30 @@ def test_write_while_acquired_is_an_error_and_write_after_invalidates_the_slot()
     (dict(slots=2, prefetch_depth=2), RuntimeError, "prefetch_depth must be in"),
     (dict(slots=2, prefetch_depth=-1), RuntimeError, "prefetch_depth must be in"),
     (dict(mode="fast"), ValueError, "mode must be"),
-    (dict(test_copy_delay_us=-5), ValueError, r"test_copy_delay_us must be in \[0, 1000000\]"),
 ])
 def test_bad_constructor_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         WeightStreamer("cpu", **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(copy_delay_us=-5), ValueError, r"test_copy_delay_us must be in \[0, 1000000\]"),
+    (dict(copy_delay_us=10**6 + 1), ValueError, r"test_copy_delay_us must be in \[0, 1000000\]"),
+    (dict(fail_copy_at=1.5), TypeError, "fail_copy_at must be an int"),
+])
+def test_bad_test_hooks(kwargs, exc, match):
+    with WeightStreamer("cpu") as s, pytest.raises(exc, match=match):
+        set_hooks(s, **kwargs)
+    # and the op itself checks what the Python face would have refused
+    with WeightStreamer("cpu") as s, pytest.raises(RuntimeError, match=r"test_copy_delay_us must be in \[0, 1000000\]"):
+        torch.ops.moe_swap_testing.streamer_set_hooks(s.handle, -1, -1)
+
+
 def test_bad_device():
     with pytest.raises(ValueError, match="device must be"):
         WeightStreamer("meta")
     with pytest.raises(RuntimeError, match="device must be"):
-        torch.ops.moe_swap.streamer_create("tpu:0", 2, 1, "full", False, True, 0, -1)
+        torch.ops.moe_swap.streamer_create("tpu:0", 2, 1, "full", False, True)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
             WeightStreamer("cuda")
@@ -401,7 +413,7 @@ def test_host_allocation_failure_names_bytes_and_available_memory():
 @pytest.mark.parametrize("fail_at", [0, 1, 3])
 def test_copy_error_surfaces_at_the_next_acquire(mode, fail_at):
     layers = [make_layer(2, 8, 8) for _ in range(4)]
-    with WeightStreamer("cpu", slots=2, prefetch_depth=1, mode=mode, test_fail_copy_at=fail_at) as s:
+    with set_hooks(WeightStreamer("cpu", slots=2, prefetch_depth=1, mode=mode), fail_copy_at=fail_at) as s:
         for w in layers:
             s.add_layer(*w)
         # full: copy k is layer k (0 on demand, then each prefetch); sync: copy k is acquire k
@@ -416,7 +428,7 @@ def test_copy_error_surfaces_at_the_next_acquire(mode, fail_at):
 
 def test_destroy_with_copies_in_flight_waits_for_them():
     layers = [make_layer(16, 64, 256) for _ in range(4)]  # 3 MiB per layer: 2-3 delayed chunks each
-    s = WeightStreamer("cpu", slots=4, prefetch_depth=3, test_copy_delay_us=20000)
+    s = set_hooks(WeightStreamer("cpu", slots=4, prefetch_depth=3), copy_delay_us=20000)
     for w in layers:
         s.add_layer(*w)
     threads_with_engine = proc_status("Threads")
@@ -460,11 +472,11 @@ def test_stress_random_delays_tiny_ring_checksums(slots, depth, max_held):
     rng = random.Random(slots * 7 + max_held)
     num_layers = 5
     layers = random_layers(num_layers, rng)
-    with WeightStreamer("cpu", slots=slots, prefetch_depth=depth, test_copy_delay_us=300) as s:
+    with set_hooks(WeightStreamer("cpu", slots=slots, prefetch_depth=depth), copy_delay_us=300) as s:
         for w in layers:
             s.add_layer(*w)
         # Checksums of the HostStore's contents, the ground truth of every slot.
-        expected = [tuple(crc(t) for t in s.host_tensors(i)) for i in range(num_layers)]
+        expected = [tuple(crc(t) for t in host_tensors(s, i)) for i in range(num_layers)]
         held = []  # (layer, views, checksum at acquire)
         step = 0
         for _ in range(300):
@@ -626,7 +638,7 @@ def test_opcheck_streamer_ops():
     with WeightStreamer("cpu", slots=2) as s:
         for w in layers:
             s.add_layer(*w)
-        torch.library.opcheck(torch.ops.moe_swap.streamer_host_copy.default, (s.handle, 1))
+        torch.library.opcheck(torch.ops.moe_swap_testing.streamer_host_copy.default, (s.handle, 1))
         # acquire/release change the streamer's state, so each check gets a fresh acquire/release pair;
         # opcheck's schema check: outputs alias no input and no other output, nothing is mutated.
         for util in ("test_schema", "test_faketensor"):
@@ -682,7 +694,7 @@ def test_cuda_200_cycles_leave_pinned_device_and_resident_memory():
 @requires_cuda
 def test_cuda_copy_fault_and_exhaustion():
     layers = [make_layer(2, 16, 32) for _ in range(3)]
-    with WeightStreamer("cuda", slots=2, test_fail_copy_at=1) as s:
+    with set_hooks(WeightStreamer("cuda", slots=2), fail_copy_at=1) as s:
         for w in layers:
             s.add_layer(*w)
         s.acquire(0)
@@ -751,3 +763,32 @@ def test_streamed_moe_checks_the_biases_it_passes_on():
         # the step was released: the next one works
         out = s.moe(0, torch.randn(3, 24), weights, ids, activation="relu2", gated=False)
         assert out.shape == (3, 24)
+
+
+@pytest.mark.parametrize("mode", ["full", "sync", "uva"])
+def test_moe_is_one_op_per_step_under_policy_full(mode):
+    """moe() under policy full: acquire, fused_moe on the layer's views, release, in one op (eager and
+    compiled); a guess at the next layer's experts is refused (the ring prefetches by its own schedule)."""
+    layers = [make_layer(4, 8, 16) for _ in range(3)]
+    with WeightStreamer("cpu", slots=2, prefetch_depth=1, mode=mode) as s:
+        for w in layers:
+            s.add_layer(*w)
+
+        def forward(x, weights, ids):
+            for i in range(3):
+                x = torch.tanh(s.moe(i, x, weights, ids))
+            return x
+
+        x = torch.randn(5, 16)
+        weights, ids = topk_route(torch.randn(5, 4), 2, renormalize=True)
+        expected = x
+        for w13, w2 in layers:
+            expected = torch.tanh(fused_moe(expected, w13, w2, weights, ids))
+        for _ in range(2):  # the second pass finds its first layer prefetched by the first's wrap-around
+            torch.testing.assert_close(forward(x, weights, ids), expected)
+        torch.testing.assert_close(torch.compile(forward, fullgraph=True)(x, weights, ids), expected)
+        assert all(l["acquires"] >= 3 for l in s.stats()["layers"])
+        with pytest.raises(RuntimeError, match="only policies on_demand and auto predict"):
+            s.moe(0, x, weights, ids, next_layer=1, next_ids=ids)
+        a, _ = s.acquire(0)  # the refused step left nothing held
+        s.release(0)

@@ -1,6 +1,6 @@
-// The device-specific half of the weight streamer: where host and slot memory come from, and the
-// copy engine with its "ready"/"free" events. The schedule (which layer goes into which slot, and
-// when) lives in streamer.cpp and is the same for every backend.
+// The device-specific half of the streamer's mechanism core: where host and device memory come from,
+// and the copy engine with a "ready"/"free" event pair per channel. Which bytes go where, and when, is
+// a placement's (ring_placement.cpp, expert_cache_placement.cpp) and the same for every backend.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -35,20 +35,22 @@ int64_t live_host_blocks();
 // "MemAvailable" from /proc/meminfo in bytes, or -1 when unknown; for allocation-failure messages.
 int64_t host_memory_available();
 
-// One contiguous piece of a layer copy: an expert's (or a run of small experts') w13 or w2 rows.
+// One contiguous piece of a copy: an expert's (or a run of neighbouring experts') bytes of one bank.
 struct CopyChunk {
   const uint8_t* src;  // in the host store
-  uint8_t* dst;        // in the slot
+  uint8_t* dst;        // in device memory (a ring slot or pool slots)
   size_t bytes;
 };
 
-// A whole-layer copy from the host store into a slot.
+// One copy from the host store to the device, issued on one channel: its "ready" event marks the
+// copy landed, its "free" event the compute that last read the destination done.
 struct CopyPlan {
   int64_t layer;
-  int slot;
-  size_t bytes;
+  int channel = 0;
+  size_t bytes = 0;
   std::vector<CopyChunk> chunks;
-  bool inject_fault;  // test knob: this copy fails (see streamer_create's test_fail_copy_at)
+  // Set only by the copy engine from the test hooks (testing_set_hooks' fail_copy_at): this copy fails.
+  bool fail_for_test = false;
 };
 
 enum class SpanKind : int64_t { kCopy = 0, kWait = 1, kHold = 2 };
@@ -56,7 +58,7 @@ enum class SpanKind : int64_t { kCopy = 0, kWait = 1, kHold = 2 };
 // A finished span, in microseconds since the streamer was created.
 struct Span {
   int64_t layer;
-  int64_t slot;
+  int64_t slot;  // the channel it ran on (a ring slot's own channel, or demand/ahead), -1 none
   SpanKind kind;
   double start_us;
   double end_us;
@@ -70,22 +72,22 @@ class StreamBackend {
   // Exact-size host memory for the HostStore (pinned and mapped on CUDA). Throws, naming the bytes
   // asked for and the host memory available, when it can't.
   virtual std::shared_ptr<HostBlock> allocate_host(size_t bytes) = 0;
-  // One scratch-ring slot ("device" memory).
+  // Device memory (the ring's slots, the expert pool).
   virtual at::Tensor allocate_slot(size_t bytes) = 0;
 
-  // `full` mode: copy on the copy engine once the slot's "free" event (and the work issued so far
-  // on the current stream) has completed, then mark the slot's "ready" event. Never blocks the
-  // host. Throws when the copy can't be issued.
+  // Copy on the copy engine once the channel's "free" event (and the work issued so far on the
+  // current stream) has completed, then mark the channel's "ready" event. Never blocks the host.
+  // Throws when the copy can't be issued.
   virtual void issue_copy(const CopyPlan& plan) = 0;
-  // The current stream waits for the slot's last issued copy (on CPU: the caller blocks), then
+  // The current stream waits for the channel's last issued copy (on CPU: the caller blocks), then
   // the layer's hold span begins. Throws the copy's error if it failed.
-  virtual void wait_ready(int slot, int64_t layer) = 0;
+  virtual void wait_ready(int channel, int64_t layer) = 0;
   // `sync` mode (baseline): copy on the current stream itself, then the hold begins.
   virtual void copy_on_current_stream(const CopyPlan& plan) = 0;
   // `uva` mode (baseline): the hold begins with nothing to wait for.
   virtual void begin_hold(int64_t layer) = 0;
-  // Record the slot's "free" event on the current stream (slot -1: uva, no slot) and end the hold.
-  virtual void record_free(int slot, int64_t layer) = 0;
+  // Record the channel's "free" event on the current stream (-1: none, e.g. uva) and end the hold.
+  virtual void record_free(int channel, int64_t layer) = 0;
   // The host waits until every issued copy has landed and every recorded "free" has fired.
   virtual void drain() = 0;
   // Cost-model calibration (policy auto): the fastest of `repeats` runs of the plan's chunks on the
@@ -98,13 +100,15 @@ class StreamBackend {
   // A tensor on device() that reads host memory directly (`uva`); keeps `block` alive.
   virtual at::Tensor uva_view(const std::shared_ptr<HostBlock>& block, at::IntArrayRef sizes,
                               at::ScalarType dtype) = 0;
+  // Test hook (testing_set_hooks; CPU backend only, others throw): a random delay in [0, us] before
+  // each chunk, so that tests see copies still in flight.
+  virtual void set_test_copy_delay_us(int64_t us) = 0;
 };
 
 struct BackendOptions {
-  int num_slots;
-  bool trace;                  // record copy/wait/hold spans (on CUDA: timing events per span)
-  bool timing;                 // time the waits (on CUDA: a pair of events per acquire)
-  int64_t test_copy_delay_us;  // CPU test knob: random delay in [0, this] before each chunk
+  int num_channels;  // "ready"/"free" event pairs: one per ring slot, or demand + ahead
+  bool trace;        // record copy/wait/hold spans (on CUDA: timing events per span)
+  bool timing;       // time the waits (on CUDA: a pair of events per acquire)
 };
 
 std::unique_ptr<StreamBackend> make_cpu_backend(const BackendOptions& options);

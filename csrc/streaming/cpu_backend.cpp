@@ -1,15 +1,16 @@
 // The CPU backend: the same schedule as on a GPU, with ordinary memory for the "device" slots, a
-// worker thread as the copy engine (its FIFO queue plays the copy stream) and per-slot fences
+// worker thread as the copy engine (its FIFO queue plays the copy stream) and per-channel fences
 // (mutex + condition variable + sequence numbers) as the "ready" events.
 //
 // The "free" event needs no fence here: compute on CPU runs synchronously in the caller, so a slot
-// is free the moment release() returns, and the schedule only ever hands the engine unheld slots.
+// is free the moment release() returns, and the placements only ever hand the engine unheld slots.
 #include "streaming/backend.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -36,10 +37,10 @@ class CpuBackend final : public StreamBackend {
   explicit CpuBackend(const BackendOptions& options)
       : options_(options),
         epoch_(Clock::now()),
-        issued_(options.num_slots, 0),
-        landed_(options.num_slots, 0),
-        failed_seq_(options.num_slots, 0),
-        error_(options.num_slots) {
+        issued_(options.num_channels, 0),
+        landed_(options.num_channels, 0),
+        failed_seq_(options.num_channels, 0),
+        error_(options.num_channels) {
     worker_ = std::thread([this] { run_copy_engine(); });
   }
 
@@ -71,20 +72,20 @@ class CpuBackend final : public StreamBackend {
 
   void issue_copy(const CopyPlan& plan) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Job job{plan, ++issued_[plan.slot]};
+    Job job{plan, ++issued_[plan.channel]};
     queue_.push_back(std::move(job));
     work_cv_.notify_one();
   }
 
-  void wait_ready(int slot, int64_t layer) override {
+  void wait_ready(int channel, int64_t layer) override {
     const auto t0 = Clock::now();
     std::unique_lock<std::mutex> lock(mu_);
-    const uint64_t want = issued_[slot];
-    done_cv_.wait(lock, [&] { return landed_[slot] >= want; });
+    const uint64_t want = issued_[channel];
+    done_cv_.wait(lock, [&] { return landed_[channel] >= want; });
     const auto t1 = Clock::now();
-    add_span(layer, slot, SpanKind::kWait, t0, t1);
-    if (failed_seq_[slot] == want && want != 0) {
-      TORCH_CHECK(false, error_[slot]);
+    add_span(layer, channel, SpanKind::kWait, t0, t1);
+    if (failed_seq_[channel] == want && want != 0) {
+      TORCH_CHECK(false, error_[channel]);
     }
     if (options_.trace) hold_start_[layer] = t1;
   }
@@ -94,8 +95,8 @@ class CpuBackend final : public StreamBackend {
     copy_chunks(plan);
     const auto t1 = Clock::now();
     std::lock_guard<std::mutex> lock(mu_);
-    add_span(plan.layer, plan.slot, SpanKind::kCopy, t0, t1);
-    add_span(plan.layer, plan.slot, SpanKind::kWait, t0, t1);  // the compute "stream" waited for it
+    add_span(plan.layer, plan.channel, SpanKind::kCopy, t0, t1);
+    add_span(plan.layer, plan.channel, SpanKind::kWait, t0, t1);  // the compute "stream" waited for it
     if (options_.trace) hold_start_[plan.layer] = t1;
   }
 
@@ -104,12 +105,12 @@ class CpuBackend final : public StreamBackend {
     if (options_.trace) hold_start_[layer] = Clock::now();
   }
 
-  void record_free(int slot, int64_t layer) override {
+  void record_free(int channel, int64_t layer) override {
     const auto t = Clock::now();
     std::lock_guard<std::mutex> lock(mu_);
     auto it = hold_start_.find(layer);
     if (options_.trace && it != hold_start_.end()) {
-      add_span(layer, slot, SpanKind::kHold, it->second, t);
+      add_span(layer, channel, SpanKind::kHold, it->second, t);
       hold_start_.erase(it);
     }
   }
@@ -145,6 +146,8 @@ class CpuBackend final : public StreamBackend {
                          at::TensorOptions().dtype(dtype).device(at::kCPU));
   }
 
+  void set_test_copy_delay_us(int64_t us) override { copy_delay_us_ = us; }
+
  private:
   struct Job {
     CopyPlan plan;
@@ -152,17 +155,18 @@ class CpuBackend final : public StreamBackend {
   };
 
   // Caller holds mu_. Copy spans only when tracing; waits always (they are the statistics).
-  void add_span(int64_t layer, int slot, SpanKind kind, Clock::time_point a, Clock::time_point b) {
+  void add_span(int64_t layer, int channel, SpanKind kind, Clock::time_point a, Clock::time_point b) {
     if (kind != SpanKind::kWait && !options_.trace) return;
     auto us = [&](Clock::time_point t) { return std::chrono::duration<double, std::micro>(t - epoch_).count(); };
-    spans_.push_back(Span{layer, slot, kind, us(a), us(b)});
+    spans_.push_back(Span{layer, channel, kind, us(a), us(b)});
   }
 
   void copy_chunks(const CopyPlan& plan) {
+    const int64_t delay_us = copy_delay_us_;
     for (const CopyChunk& c : plan.chunks) {
-      if (options_.test_copy_delay_us > 0) {
+      if (delay_us > 0) {
         thread_local std::mt19937_64 rng(std::random_device{}());
-        std::uniform_int_distribution<int64_t> delay(0, options_.test_copy_delay_us);
+        std::uniform_int_distribution<int64_t> delay(0, delay_us);
         std::this_thread::sleep_for(std::chrono::microseconds(delay(rng)));
       }
       std::memcpy(c.dst, c.src, c.bytes);
@@ -180,9 +184,9 @@ class CpuBackend final : public StreamBackend {
       lock.unlock();
       const auto t0 = Clock::now();
       std::string error;
-      if (job.plan.inject_fault) {
+      if (job.plan.fail_for_test) {
         error = "copy of layer " + std::to_string(job.plan.layer) + " into slot " +
-                std::to_string(job.plan.slot) + " failed: injected copy fault (test_fail_copy_at)";
+                std::to_string(job.plan.channel) + " failed: injected copy fault (test_fail_copy_at)";
       } else {
         copy_chunks(job.plan);
       }
@@ -190,12 +194,12 @@ class CpuBackend final : public StreamBackend {
       lock.lock();
       busy_ = false;
       if (!error.empty()) {
-        failed_seq_[job.plan.slot] = job.seq;
-        error_[job.plan.slot] = std::move(error);
+        failed_seq_[job.plan.channel] = job.seq;
+        error_[job.plan.channel] = std::move(error);
       } else {
-        add_span(job.plan.layer, job.plan.slot, SpanKind::kCopy, t0, t1);
+        add_span(job.plan.layer, job.plan.channel, SpanKind::kCopy, t0, t1);
       }
-      landed_[job.plan.slot] = job.seq;
+      landed_[job.plan.channel] = job.seq;
       done_cv_.notify_all();
     }
   }
@@ -208,9 +212,10 @@ class CpuBackend final : public StreamBackend {
   std::deque<Job> queue_;
   bool busy_ = false;
   bool stop_ = false;
-  std::vector<uint64_t> issued_;      // per slot: sequence number of the last copy issued
-  std::vector<uint64_t> landed_;      // per slot: sequence number of the last copy finished
-  std::vector<uint64_t> failed_seq_;  // per slot: sequence number of the last copy that failed
+  std::atomic<int64_t> copy_delay_us_{0};  // test hook, read by the engine thread
+  std::vector<uint64_t> issued_;      // per channel: sequence number of the last copy issued
+  std::vector<uint64_t> landed_;      // per channel: sequence number of the last copy finished
+  std::vector<uint64_t> failed_seq_;  // per channel: sequence number of the last copy that failed
   std::vector<std::string> error_;
   std::unordered_map<int64_t, Clock::time_point> hold_start_;
   std::vector<Span> spans_;

@@ -1,5 +1,5 @@
 // The CUDA backend of the weight streamer: pinned exact-size host memory (cudaHostAlloc), slots from
-// torch's caching allocator, copies on a dedicated non-blocking stream with per-slot "ready" and
+// torch's caching allocator, copies on a dedicated non-blocking stream with per-channel "ready" and
 // "free" events. No host-device synchronisation anywhere in acquire/prefetch/release: timings are
 // CUDA events read lazily (cudaEventQuery) and in stats(); only drain() (destroy, synchronize,
 // re-sizing the ring) waits on the host.
@@ -55,7 +55,7 @@ void debug_wait_for_copy(cudaStream_t stream, const CopyPlan& plan) {
   const cudaError_t err = cudaStreamSynchronize(stream);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
-    TORCH_CHECK(false, "copy of layer ", plan.layer, " (slot/channel ", plan.slot, ", ", plan.chunks.size(),
+    TORCH_CHECK(false, "copy of layer ", plan.layer, " (channel ", plan.channel, ", ", plan.chunks.size(),
                 " chunks, ", plan.bytes, " bytes) failed: ", cudaGetErrorString(err));
   }
 }
@@ -82,9 +82,9 @@ class CudaBackend final : public StreamBackend {
       // Its own stream, not one from torch's pool: pool streams are shared round-robin, and another
       // user's work on it would delay our copies.
       C10_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
-      ready_.assign(options.num_slots, nullptr);
-      free_.assign(options.num_slots, nullptr);
-      for (int i = 0; i < options.num_slots; ++i) {
+      ready_.assign(options.num_channels, nullptr);
+      free_.assign(options.num_channels, nullptr);
+      for (int i = 0; i < options.num_channels; ++i) {
         C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready_[i], cudaEventDisableTiming));
         C10_CUDA_CHECK(cudaEventCreateWithFlags(&free_[i], cudaEventDisableTiming));
       }
@@ -133,30 +133,30 @@ class CudaBackend final : public StreamBackend {
 
   void issue_copy(const CopyPlan& plan) override {
     c10::cuda::CUDAGuard guard(device_);
-    TORCH_CHECK(!plan.inject_fault, "copy of layer ", plan.layer, " into slot ", plan.slot,
+    TORCH_CHECK(!plan.fail_for_test, "copy of layer ", plan.layer, " into slot ", plan.channel,
                 " failed: injected copy fault (test_fail_copy_at)");
     cudaStream_t compute = current_stream();
-    // Fork the copy stream from the current stream (and from the slot's last reader): ordered after
+    // Fork the copy stream from the current stream (and from the channel's last reader): ordered after
     // the compute that read the slot, and joined to the current stream so a CUDA graph capture can
-    // follow it. In the steady state the slot's "free" event is already the later of the two.
+    // follow it. In the steady state the channel's "free" event is already the later of the two.
     C10_CUDA_CHECK(cudaEventRecord(fork_, compute));
     C10_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, fork_, 0));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, free_[plan.slot], 0));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, free_[plan.channel], 0));
     cudaEvent_t start = options_.trace ? record_timing_event(copy_stream_) : nullptr;
     for (const CopyChunk& c : plan.chunks) {
       C10_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyHostToDevice, copy_stream_));
     }
-    C10_CUDA_CHECK(cudaEventRecord(ready_[plan.slot], copy_stream_));
-    if (start != nullptr) end_span(plan.layer, plan.slot, 1u << int(SpanKind::kCopy), start, copy_stream_);
+    C10_CUDA_CHECK(cudaEventRecord(ready_[plan.channel], copy_stream_));
+    if (start != nullptr) end_span(plan.layer, plan.channel, 1u << int(SpanKind::kCopy), start, copy_stream_);
     debug_wait_for_copy(copy_stream_, plan);
   }
 
-  void wait_ready(int slot, int64_t layer) override {
+  void wait_ready(int channel, int64_t layer) override {
     c10::cuda::CUDAGuard guard(device_);
     cudaStream_t compute = current_stream();
     cudaEvent_t before = options_.timing ? record_timing_event(compute) : nullptr;
-    C10_CUDA_CHECK(cudaStreamWaitEvent(compute, ready_[slot], 0));
-    if (before != nullptr) end_span(layer, slot, 1u << int(SpanKind::kWait), before, compute);
+    C10_CUDA_CHECK(cudaStreamWaitEvent(compute, ready_[channel], 0));
+    if (before != nullptr) end_span(layer, channel, 1u << int(SpanKind::kWait), before, compute);
     begin_hold(layer);
   }
 
@@ -170,7 +170,7 @@ class CudaBackend final : public StreamBackend {
     debug_wait_for_copy(compute, plan);
     // The compute stream itself did the copy: that time is both a copy span and a wait.
     if (start != nullptr) {
-      end_span(plan.layer, plan.slot, (1u << int(SpanKind::kCopy)) | (1u << int(SpanKind::kWait)), start, compute);
+      end_span(plan.layer, plan.channel, (1u << int(SpanKind::kCopy)) | (1u << int(SpanKind::kWait)), start, compute);
     }
     begin_hold(plan.layer);
   }
@@ -190,13 +190,13 @@ class CudaBackend final : public StreamBackend {
     }
   }
 
-  void record_free(int slot, int64_t layer) override {
+  void record_free(int channel, int64_t layer) override {
     c10::cuda::CUDAGuard guard(device_);
     cudaStream_t compute = current_stream();
-    if (slot >= 0) C10_CUDA_CHECK(cudaEventRecord(free_[slot], compute));
+    if (channel >= 0) C10_CUDA_CHECK(cudaEventRecord(free_[channel], compute));
     auto it = hold_start_.find(layer);
     if (it != hold_start_.end()) {
-      end_span(layer, slot, 1u << int(SpanKind::kHold), it->second, compute);
+      end_span(layer, channel, 1u << int(SpanKind::kHold), it->second, compute);
       hold_start_.erase(it);
     }
   }
@@ -285,6 +285,11 @@ class CudaBackend final : public StreamBackend {
                          device_);
   }
 
+  void set_test_copy_delay_us(int64_t us) override {
+    TORCH_CHECK(us == 0, "test_copy_delay_us is a test hook of the CPU backend; got ", us, " for device ",
+                device_.str());
+  }
+
  private:
   struct Pending {
     int64_t layer;
@@ -348,8 +353,8 @@ class CudaBackend final : public StreamBackend {
   const c10::Device device_;
   const BackendOptions options_;
   cudaStream_t copy_stream_ = nullptr;
-  std::vector<cudaEvent_t> ready_;  // per slot: its last copy has landed
-  std::vector<cudaEvent_t> free_;   // per slot: the compute that read it has finished
+  std::vector<cudaEvent_t> ready_;  // per channel: its last copy has landed
+  std::vector<cudaEvent_t> free_;   // per channel: the compute that read its slots has finished
   cudaEvent_t fork_ = nullptr;
   cudaEvent_t epoch_ = nullptr;     // time zero of every span
   std::deque<Pending> pending_;
