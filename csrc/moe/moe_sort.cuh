@@ -85,7 +85,8 @@ __device__ __forceinline__ ScanTriple warp_inclusive_scan(ScanTriple v) {
 // One block: exclusive scans of the per-expert row counts, row-tile counts and "has rows" flags,
 // E in chunks of the block size. Writes offsets, cursors, tile offsets, the active-expert list and,
 // when asked, the inclusive row ends (the `offs` of at::_grouped_mm).
-__global__ void __launch_bounds__(kSortThreads)
+// static: a header included by several objects (fused_moe.cu, quant/fused_moe_quant.cu)
+static __global__ void __launch_bounds__(kSortThreads)
     moe_scan_experts_kernel(int num_experts, int tile_rows, MoeRouting r, int* __restrict__ expert_ends) {
   __shared__ ScanTriple warp_totals[kSortThreads / 32];
   const int lane = threadIdx.x & 31;
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(kSortThreads)
 
 // Rows inside one expert come in arrival order; every kernel computes each row independently of the
 // others, so the values do not depend on that order.
-__global__ void moe_scatter_pairs_kernel(int num_pairs, MoeRouting r) {
+static __global__ void moe_scatter_pairs_kernel(int num_pairs, MoeRouting r) {
   const int p = blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= num_pairs) return;
   const int expert = r.pair_expert[p];

@@ -14,13 +14,7 @@
 
 #include "core/checks.h"
 #include "moe/moe_common.cuh"
-// moe_sort.cuh defines two non-template kernels without internal linkage, and fused_moe.cu includes it
-// too: renamed here so the two objects do not both define them (the header is shared, not edited).
-#define moe_scan_experts_kernel moe_quant_scan_experts_kernel
-#define moe_scatter_pairs_kernel moe_quant_scatter_pairs_kernel
 #include "moe/moe_sort.cuh"
-#undef moe_scan_experts_kernel
-#undef moe_scatter_pairs_kernel
 #include "moe/quant/quant_checks.h"
 #include "ops.h"
 
@@ -308,9 +302,9 @@ at::Tensor fused_moe_quant_cuda(const at::Tensor& hidden_states, const at::Tenso
         routing);
   }
   MOE_SWAP_LAUNCH_CHECK();
-  moe_quant_scan_experts_kernel<<<1, kSortThreads, 0, stream>>>(static_cast<int>(E), kQuantTokens, routing, nullptr);
+  moe_scan_experts_kernel<<<1, kSortThreads, 0, stream>>>(static_cast<int>(E), kQuantTokens, routing, nullptr);
   MOE_SWAP_LAUNCH_CHECK();
-  moe_quant_scatter_pairs_kernel<<<pair_blocks, kSortThreads, 0, stream>>>(static_cast<int>(num_pairs), routing);
+  moe_scatter_pairs_kernel<<<pair_blocks, kSortThreads, 0, stream>>>(static_cast<int>(num_pairs), routing);
   MOE_SWAP_LAUNCH_CHECK();
   if (debug_sync_now()) {
     int recorded = 0;
